@@ -1,0 +1,60 @@
+"""metrics_jsonl: one JSON object per epoch in ``metrics.jsonl`` in the run folder.
+
+Each line holds ``epoch`` and every key of ``learner.metrics`` (``train_loss``,
+``valid_loss``, ``valid_<metric>``, and what plugins add, such as ``lr``). Non-finite
+values are written as ``null``, so every line is strict JSON. On a resumed run, lines
+for epochs that are run again are dropped first, so each epoch appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from trainloop import Learner, RunConfig, hookimpl
+
+FILE_NAME = "metrics.jsonl"
+
+
+@hookimpl
+def configure(config: RunConfig) -> None:
+    config.plugin_manager.register(MetricsFile(config.run_dir / FILE_NAME), "metrics_jsonl.writer")
+
+
+class MetricsFile:
+    """Appends ``{"epoch": ..., **learner.metrics}`` to ``path`` at each epoch end.
+
+    Args:
+        path: the file; ``None`` means ``learner.run_dir / "metrics.jsonl"``.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+
+    @hookimpl(trylast=True)  # after a resuming plugin has set learner.epoch
+    def on_fit_begin(self, learner: Learner) -> None:
+        if self.path is None:
+            if learner.run_dir is None:
+                raise ValueError("MetricsFile needs a path or a learner with run_dir")
+            self.path = learner.run_dir / FILE_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if learner.epoch > 0 and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip() and json.loads(line).get("epoch", math.inf) < learner.epoch:
+                    kept.append(line + "\n")
+        self.path.write_text("".join(kept))
+
+    @hookimpl(trylast=True)  # after every plugin has added its keys
+    def on_epoch_end(self, learner: Learner) -> None:
+        record = {"epoch": learner.epoch, **learner.metrics}
+        with open(self.path, "a") as file:
+            file.write(json.dumps({key: _finite(value) for key, value in record.items()}) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

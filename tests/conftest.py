@@ -1,0 +1,60 @@
+"""Shared fixtures: small models and data that train in milliseconds."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainloop import Learner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred.argmax(dim=1) == target).float().mean()
+
+
+def make_data(samples: int = 50, batch: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(samples, 4, generator=generator)
+    target = (inputs.sum(dim=1) > 0).long()
+    return [(inputs[i : i + batch], target[i : i + batch]) for i in range(0, samples, batch)]
+
+
+def make_learner(plugins=(), valid=True, **kwargs) -> Learner:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.LogSoftmax(dim=1))
+    data = make_data()
+    return Learner(
+        model,
+        data,
+        make_data(seed=1) if valid else None,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        metrics=(accuracy,),
+        plugins=plugins,
+        **kwargs,
+    )
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
+    """Run ``python -m trainloop ARGS`` in a subprocess; return the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "trainloop", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def learner() -> Learner:
+    return make_learner()

@@ -1,0 +1,7 @@
+"""``python -m trainloop`` is the ``trainloop`` command (torchrun launches it this way)."""
+
+import sys
+
+from trainloop.cli import main
+
+sys.exit(main())

@@ -1,0 +1,24 @@
+"""Errors that trainloop and its plugins raise on purpose."""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """Bad input a user can fix: a missing file, a wrong option, a corrupt image.
+
+    The command line turns it into one line on stderr and exit status 2, with no
+    traceback (``--debug`` shows it). The message names the file or option and says
+    what to do.
+    """
+
+
+class CancelBatch(Exception):
+    """Raise from a hook to skip the rest of the current batch; ``on_batch_end`` still fires."""
+
+
+class CancelEpoch(Exception):
+    """Raise from a hook to skip the rest of the current epoch; ``on_epoch_end`` still fires."""
+
+
+class StopFit(Exception):
+    """Raise from a hook to end ``fit`` cleanly after the current step; ``on_fit_end`` fires."""

@@ -1,0 +1,123 @@
+"""Recipes: Python files with a ``Config`` dataclass and a ``build(cfg) -> Learner``.
+
+Every ``Config`` field becomes a command-line option: ``batch_size: int = 200`` is
+``--batch-size 200``. Supported field types: ``int``, ``float``, ``str``, ``Path``,
+``bool`` (``--flag`` / ``--no-flag``), ``Literal[...]`` (choices), ``X | None``
+(``none`` on the command line), and ``tuple[X, ...]`` / ``list[X]`` (several values).
+A field's help text comes from ``field(metadata={"help": "..."})``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from trainloop.errors import UsageError
+
+
+def load_recipe(path: str | Path) -> types.ModuleType:
+    """Import the recipe file at ``path`` and check that it has ``Config`` and ``build``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"recipe {path} does not exist: give the path of a recipe .py file")
+    name = f"trainloop_recipe_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"recipe {path} is not a Python file: give a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look the module up by name
+    spec.loader.exec_module(module)
+    config = getattr(module, "Config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        raise UsageError(f"recipe {path} has no Config dataclass: add '@dataclass class Config'")
+    if not callable(getattr(module, "build", None)):
+        raise UsageError(f"recipe {path} has no build(cfg) function that returns a Learner")
+    return module
+
+
+def add_config_options(parser: argparse.ArgumentParser, config_class: type) -> list[str]:
+    """Add one option per ``Config`` field to ``parser``; return the field names."""
+    hints = typing.get_type_hints(config_class)
+    group = parser.add_argument_group("recipe options (the Config fields)")
+    names = []
+    for field in dataclasses.fields(config_class):
+        if not field.init:
+            continue
+        names.append(field.name)
+        default = _default_of(field)
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata.get("help", "")
+        kind = hints[field.name]
+        kwargs = _argparse_kwargs(kind, flag)
+        shown = default if not isinstance(default, (tuple, list)) else " ".join(map(str, default))
+        group.add_argument(
+            flag,
+            dest=field.name,
+            default=default,
+            help=f"{help_text} (default: {shown})".strip(),
+            **kwargs,
+        )
+    return names
+
+
+def make_config(config_class: type, options: argparse.Namespace, names: list[str]) -> Any:
+    """Build the recipe's ``Config`` from parsed options."""
+    values = {}
+    hints = typing.get_type_hints(config_class)
+    for name in names:
+        value = getattr(options, name)
+        if typing.get_origin(hints[name]) is tuple and isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return config_class(**values)
+
+
+def _default_of(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def _argparse_kwargs(kind: Any, flag: str) -> dict[str, Any]:
+    origin = typing.get_origin(kind)
+    arguments = typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType) and type(None) in arguments:
+        inner = [argument for argument in arguments if argument is not type(None)]
+        kwargs = _argparse_kwargs(inner[0], flag)
+        convert = kwargs.get("type", str)
+        kwargs["type"] = _optional(convert)
+        return kwargs
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is typing.Literal:
+        return {"choices": list(arguments), "type": type(arguments[0])}
+    if origin in (tuple, list):
+        item = arguments[0] if arguments else str
+        if origin is tuple and arguments and arguments[-1] is not Ellipsis:
+            return {"type": _converter(item), "nargs": len(arguments), "metavar": item.__name__.upper()}
+        return {"type": _converter(item), "nargs": "+", "metavar": item.__name__.upper()}
+    if kind in (int, float, str, Path):
+        return {"type": _converter(kind), "metavar": kind.__name__.upper()}
+    raise UsageError(f"Config field type {kind!r} of {flag} is not supported on the command line")
+
+
+def _converter(kind: type) -> Any:
+    if kind is Path:
+        return Path
+    return kind
+
+
+def _optional(convert: Any) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names it in errors
+    return parse

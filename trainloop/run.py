@@ -1,0 +1,34 @@
+"""What the command line hands to plugins: the run's options, folder and recipe."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainloop.manager import PluginManager
+
+
+@dataclass
+class RunConfig:
+    """Everything :func:`~trainloop.hookspecs.configure` needs to know about a run.
+
+    Attributes:
+        options: every command-line option, parsed (``options.epochs``, plugin options).
+        run_dir: the run folder (``config.json``, ``metrics.jsonl``, checkpoints, ...).
+        recipe_path: the recipe file.
+        recipe_config: the recipe's ``Config`` instance built from the options.
+        plugin_manager: register per-run plugin objects here.
+    """
+
+    options: argparse.Namespace
+    run_dir: Path
+    recipe_path: Path
+    recipe_config: Any
+    plugin_manager: PluginManager
+
+    @property
+    def recipe_name(self) -> str:
+        """The recipe's file name without ``.py``."""
+        return self.recipe_path.stem
