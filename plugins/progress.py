@@ -136,6 +136,7 @@ class Progress:
             self._bar.remove_task(self._task)
             self._task = None
 
+    @hookimpl(trylast=True)  # after every plugin has added its metrics
     def on_epoch_end(self, learner: Learner) -> None:
         seconds = time.perf_counter() - getattr(self, "_epoch_start", time.perf_counter())
         row = {"epoch": learner.epoch + 1, **learner.metrics, "time": seconds}

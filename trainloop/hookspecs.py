@@ -23,11 +23,17 @@ hooks:
   or :class:`~trainloop.StopFit` from any event; never return magic values.
 
 State on the learner while ``fit`` runs: ``learner.epoch`` (0-based),
-``learner.epochs`` (how many ``fit`` was asked for), ``learner.iteration`` (0-based
-batch index within the current phase), ``learner.step`` (training batches completed
-since the start of the run), ``learner.batch``, ``learner.pred``, ``learner.loss``,
-``learner.training``, ``learner.metrics`` (the current epoch's values), and
-``learner.history`` (one dict per finished epoch).
+``learner.epochs`` (how many ``fit`` was asked for), ``learner.iteration`` (during a
+batch, its 0-based index within the phase; once a training batch is over, the number
+of this epoch's batches done), ``learner.step`` (training batches done since the start
+of the run), ``learner.batch``, ``learner.pred``, ``learner.loss``,
+``learner.training``, ``learner.metrics`` (the current epoch's values),
+``learner.history`` (one dict per finished epoch), ``learner.run_dir`` (the run
+folder, or ``None``) and ``learner.config`` (the recipe's Config under the CLI).
+
+To end ``fit`` from a plugin, set ``learner.should_stop = True`` (checked after each
+training batch and after each epoch) or raise StopFit. In ``on_epoch_end`` prefer the
+flag, so that the other plugins still see the epoch end.
 
 The order of events in ``fit`` (``[...]`` repeats, ``?`` only with validation data)::
 
@@ -110,9 +116,12 @@ def unconfigure(config: RunConfig) -> None:
 def on_fit_begin(learner: Learner) -> None:
     """``fit`` starts. ``learner.epoch`` is 0, ``learner.epochs`` is set.
 
-    A plugin that resumes a run sets ``learner.epoch``, ``learner.iteration`` and
-    ``learner.step`` here (the checkpoint plugin does so with ``tryfirst``); ``fit``
-    continues from there.
+    A plugin that resumes a run restores ``learner.epoch``, ``learner.iteration`` and
+    ``learner.step`` here (the checkpoint plugin, with ``learner.load_state_dict``);
+    ``fit`` continues from there. Order by convention: plugins that place the model
+    (device, distributed) run first (a ``wrapper=True`` implementation, whose code
+    before ``yield`` runs before every plain one), plugins that restore state run as
+    plain implementations, and plugins that read the restored state use ``trylast``.
     """
 
 
@@ -233,6 +242,15 @@ def on_save_checkpoint(learner: Learner, checkpoint: dict[str, Any]) -> None:
 @hookspec
 def on_load_checkpoint(learner: Learner, checkpoint: dict[str, Any]) -> None:
     """A checkpoint was read (on resume): restore your state from your own key."""
+
+
+@hookspec(firstresult=True)
+def save_checkpoint(learner: Learner, name: str) -> Any:
+    """Write a checkpoint called ``name`` now (for example ``"interrupt"``); return its path.
+
+    The checkpoint plugin implements it; the Ctrl-C plugin calls it. Returns ``None``
+    when no plugin writes checkpoints.
+    """
 
 
 # --- Steps with one owner (firstresult; the core's defaults run last) -----------------

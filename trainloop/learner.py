@@ -138,15 +138,19 @@ class Learner:
         cancel: type[BaseException] | tuple[()],
         final: Callable[[], None] | None = None,
     ) -> None:
-        """Fire ``on_<event>_begin``, run ``body``, fire ``on_<event>_end``; a ``cancel``
-        exception skips the rest of ``body`` only; ``final`` runs after the end event."""
+        """Fire ``on_<event>_begin``, run ``body``, fire ``on_<event>_end``.
+
+        A ``cancel`` exception skips the rest of ``body`` only. ``final`` runs once the
+        end event has fired, even when that event raised (StopFit, say); any other
+        exception from ``body`` skips both.
+        """
         begin, end = _BEGIN_END[event]
+        self._fire(begin)
         try:
-            self._fire(begin)
-            try:
-                body()
-            except cancel:
-                pass
+            body()
+        except cancel:
+            pass
+        try:
             self._fire(end)
         finally:
             if final is not None:
@@ -199,15 +203,23 @@ class Learner:
         self.model.train()
         batches = self._iter_train_data(learner=self)
         try:
-            for self.iteration, batch in enumerate(batches, start=self.iteration):
+            for batch in batches:
                 self.batch = self._transfer_batch(learner=self, batch=batch)
                 self._with_events(self._train_batch, "batch", CancelBatch)
+                # From here on ``iteration`` counts this epoch's finished batches, which
+                # is where a run stopped now (StopFit, Ctrl-C) must resume.
+                self.iteration += 1
                 self.step += 1
                 if self.should_stop:
                     raise StopFit
-        finally:
-            self.iteration = 0
-            self.metrics["train_loss"] = self._mean_train_loss()
+        except CancelEpoch:
+            self._finish_train()
+            raise
+        self._finish_train()
+
+    def _finish_train(self) -> None:
+        self.iteration = 0
+        self.metrics["train_loss"] = self._mean_train_loss()
 
     def _train_batch(self) -> None:
         batch = self.batch
