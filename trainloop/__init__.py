@@ -6,7 +6,7 @@ TensorBoard, checkpoints, devices and the rest are pluggy plugins.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from trainloop.errors import CancelBatch, CancelEpoch, StopFit, UsageError
+from trainloop.errors import CancelBatch, CancelEpoch, StopFit, TrainingError, UsageError
 from trainloop.hookspecs import hookimpl, hookspec
 from trainloop.learner import Learner, batch_size, target_of
 from trainloop.manager import PluginManager
@@ -24,6 +24,7 @@ __all__ = [
     "PluginManager",
     "RunConfig",
     "StopFit",
+    "TrainingError",
     "UsageError",
     "__version__",
     "batch_size",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import trainloop
-from trainloop.errors import UsageError
+from trainloop.errors import TrainingError, UsageError
 from trainloop.learner import Learner
 from trainloop.manager import PluginManager
 from trainloop.recipe import add_config_options, load_recipe, make_config
@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"trainloop: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"trainloop: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("trainloop: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -152,13 +157,15 @@ def run(argv: list[str]) -> int:
     cfg = make_config(recipe.Config, options, field_names)
 
     seed_everything(options.seed)
-    run_dir = Path(options.out) if options.out else _new_run_dir(recipe_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = options.out or manager.hook.make_run_dir(options=options, recipe_path=recipe_path)
+    run_dir = Path(run_dir or _new_run_dir(recipe_path))
     config = RunConfig(options, run_dir, recipe_path, cfg, manager)
-    print(f"run folder: {run_dir}", flush=True)
     manager.hook.configure(config=config)
     try:
-        _write_config(run_dir / "config.json", recipe_path, cfg, options)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if config.is_main_process:
+            print(f"run folder: {run_dir}", flush=True)
+            _write_config(run_dir / "config.json", recipe_path, cfg, options)
         learner = recipe.build(cfg)
         if not isinstance(learner, Learner):
             raise UsageError(f"recipe {recipe_path}: build(cfg) returned {type(learner).__name__}, not a Learner")
@@ -168,7 +175,8 @@ def run(argv: list[str]) -> int:
             recipe.predict(learner, cfg)
     finally:
         manager.hook.unconfigure(config=config)
-    print(f"run folder: {run_dir}", flush=True)
+    if config.is_main_process:
+        print(f"run folder: {run_dir}", flush=True)
     return 0
 
 

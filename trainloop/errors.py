@@ -12,6 +12,13 @@ class UsageError(Exception):
     """
 
 
+class TrainingError(Exception):
+    """Training cannot go on, for a reason the message explains (a non-finite loss, say).
+
+    The command line prints the message as one line and exits with status 1.
+    """
+
+
 class CancelBatch(Exception):
     """Raise from a hook to skip the rest of the current batch; ``on_batch_end`` still fires."""
 

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -93,14 +94,27 @@ def add_options(parser: argparse.ArgumentParser, plugin_manager: PluginManager) 
 def configure(config: RunConfig) -> None:
     """Read your options and set up for the run; called after the command line is parsed.
 
-    ``config.options`` holds every option, ``config.run_dir`` the run folder,
-    ``config.recipe_config`` the recipe's ``Config``. This is the place to register
+    ``config.options`` holds every option, ``config.run_dir`` the run folder (created
+    right after this hook), ``config.recipe_config`` the recipe's ``Config``, and
+    ``config.is_main_process`` whether this process writes files (set it to ``False``
+    with ``tryfirst`` on the other ranks of a distributed run; plugins that write
+    files, print or log check it). This is the place to register
     a stateful plugin object that does the per-run work, only when it is needed::
 
         if config.options.tensorboard:
             config.plugin_manager.register(TensorBoardLogger(config.run_dir), "tb-logger")
 
     Raise :class:`~trainloop.UsageError` for a bad option value.
+    """
+
+
+@hookspec(firstresult=True)
+def make_run_dir(options: argparse.Namespace, recipe_path: Path) -> Path | None:
+    """Return the run folder to use when ``--out`` is not given, or ``None`` for the default.
+
+    The default is ``runs/<recipe>/<timestamp>``. The distributed plugin implements
+    this so that every process agrees on one folder. The folder is created after
+    :func:`configure`.
     """
 
 

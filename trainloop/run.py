@@ -20,6 +20,8 @@ class RunConfig:
         recipe_path: the recipe file.
         recipe_config: the recipe's ``Config`` instance built from the options.
         plugin_manager: register per-run plugin objects here.
+        is_main_process: whether this process writes files and prints (``False`` on
+            all but rank 0 of a distributed run).
     """
 
     options: argparse.Namespace
@@ -27,6 +29,7 @@ class RunConfig:
     recipe_path: Path
     recipe_config: Any
     plugin_manager: PluginManager
+    is_main_process: bool = True
 
     @property
     def recipe_name(self) -> str:
