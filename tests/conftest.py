@@ -20,7 +20,9 @@ def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.argmax(dim=1) == target).float().mean()
 
 
-def make_data(samples: int = 50, batch: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_data(
+    samples: int = 50, batch: int = 16, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(samples, 4, generator=generator)
     target = (inputs.sum(dim=1) > 0).long()

@@ -18,7 +18,11 @@ def recorder_class():
         hook.__name__ = hook.__qualname__ = event
         return hook
 
-    namespace = {name: make(name) for name in event_names() if name not in ("on_exception", "on_predict_batch_end")}
+    namespace = {
+        name: make(name)
+        for name in event_names()
+        if name not in ("on_exception", "on_predict_batch_end")
+    }
     namespace["__init__"] = lambda self: setattr(self, "events", [])
     cls = type("EventRecorder", (), namespace)
     for name in namespace:
@@ -33,7 +37,13 @@ def test_a_two_epoch_fit_fires_the_events_in_the_documented_order():
     learner.train_data = make_data(samples=32, batch=16)  # 2 training batches
     learner.valid_data = make_data(samples=16, batch=16)  # 1 validation batch
     learner.fit(2)
-    train_batch = ["on_batch_begin", "on_backward_end", "on_step_begin", "on_step_end", "on_batch_end"]
+    train_batch = [
+        "on_batch_begin",
+        "on_backward_end",
+        "on_step_begin",
+        "on_step_end",
+        "on_batch_end",
+    ]
     epoch = [
         "on_epoch_begin",
         "on_train_begin",
@@ -178,7 +188,9 @@ def test_a_plugin_can_own_a_step_and_the_core_default_is_not_called():
     plain, doubled = make_learner(), make_learner(plugins=[DoubleLoss()])
     batch = plain.train_data[0]
     plain.model.eval(), doubled.model.eval()
-    assert doubled.hook.compute_loss(learner=doubled, pred=doubled.model(batch[0]), batch=batch).item() == pytest.approx(
+    assert doubled.hook.compute_loss(
+        learner=doubled, pred=doubled.model(batch[0]), batch=batch
+    ).item() == pytest.approx(
         2 * plain.hook.compute_loss(learner=plain, pred=plain.model(batch[0]), batch=batch).item()
     )
     assert doubled.validate()["valid_loss"] == pytest.approx(2 * plain.validate()["valid_loss"])
@@ -250,7 +262,9 @@ def test_predict_fires_the_predict_events_and_returns_concatenated_predictions()
 def test_optimizer_may_be_given_as_an_instance():
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.Adam(model.parameters())
-    learner = Learner(model, make_data(), loss_func=torch.nn.functional.cross_entropy, optimizer=optimizer)
+    learner = Learner(
+        model, make_data(), loss_func=torch.nn.functional.cross_entropy, optimizer=optimizer
+    )
     assert learner.optimizer is optimizer
     learner.fit(1)
 

@@ -71,7 +71,9 @@ def _dispatch(argv: list[str]) -> int:
     parser = _Parser(prog="trainloop", description=__doc__, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"trainloop {trainloop.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("run", help="run a recipe: trainloop run RECIPE.py [options]", add_help=False)
+    commands.add_parser(
+        "run", help="run a recipe: trainloop run RECIPE.py [options]", add_help=False
+    )
     commands.add_parser("plugins", help="list the plugins, where they come from, their hooks")
     if not argv or argv[0] not in ("run", "plugins"):
         parser.parse_args(argv or ["--help"])
@@ -139,7 +141,9 @@ def run(argv: list[str]) -> int:
     """``trainloop run RECIPE [options]``: build the recipe's Learner, fit, predict."""
     if not argv or argv[0].startswith("-"):
         if argv and argv[0] in ("-h", "--help"):
-            print("usage: trainloop run RECIPE.py [options]  (options: trainloop run RECIPE --help)")
+            print(
+                "usage: trainloop run RECIPE.py [options]  (options: trainloop run RECIPE --help)"
+            )
             return 0
         raise UsageError("give a recipe: trainloop run RECIPE.py [options]")
     recipe_path = Path(argv[0])
@@ -168,7 +172,9 @@ def run(argv: list[str]) -> int:
             _write_config(run_dir / "config.json", recipe_path, cfg, options)
         learner = recipe.build(cfg)
         if not isinstance(learner, Learner):
-            raise UsageError(f"recipe {recipe_path}: build(cfg) returned {type(learner).__name__}, not a Learner")
+            raise UsageError(
+                f"recipe {recipe_path}: build(cfg) returned {type(learner).__name__}, not a Learner"
+            )
         _attach(learner, manager, selection.plugins, run_dir, cfg)
         learner.fit(options.epochs)
         if callable(getattr(recipe, "predict", None)):
@@ -185,7 +191,9 @@ def _add_common_options(parser: argparse.ArgumentParser, field_names: list[str])
     if "epochs" not in field_names:
         group.add_argument("--epochs", type=int, default=1, metavar="N", help="epochs (default: 1)")
     if "seed" not in field_names:
-        group.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default: 0)")
+        group.add_argument(
+            "--seed", type=int, default=0, metavar="N", help="random seed (default: 0)"
+        )
     group.add_argument(
         "--out",
         type=Path,
@@ -195,7 +203,9 @@ def _add_common_options(parser: argparse.ArgumentParser, field_names: list[str])
     )
 
 
-def _attach(learner: Learner, manager: PluginManager, specs: list[str], run_dir: Path, cfg: Any) -> None:
+def _attach(
+    learner: Learner, manager: PluginManager, specs: list[str], run_dir: Path, cfg: Any
+) -> None:
     """Give the recipe's Learner the run's plugins, folder and config."""
     for name, plugin in manager.list_name_plugin():
         if plugin is None or learner.plugin_manager.is_registered(plugin):

@@ -28,7 +28,8 @@ _STEP_HOOKS = (
 )
 _NO_CANCEL = ()  # an except clause with an empty tuple catches nothing
 _BEGIN_END = {  # built once: no string formatting on the per-batch path
-    level: (f"on_{level}_begin", f"on_{level}_end") for level in ("epoch", "train", "valid", "batch")
+    level: (f"on_{level}_begin", f"on_{level}_end")
+    for level in ("epoch", "train", "valid", "batch")
 }
 
 
@@ -119,7 +120,9 @@ class Learner:
         # only the core implements is called directly rather than through pluggy.
         hook = self.plugin_manager.hook
         self._events = {
-            name: caller for name in event_names() if (caller := getattr(hook, name)).get_hookimpls()
+            name: caller
+            for name in event_names()
+            if (caller := getattr(hook, name)).get_hookimpls()
         }
         for step in _STEP_HOOKS:
             caller = getattr(hook, step)

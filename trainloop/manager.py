@@ -148,7 +148,9 @@ class PluginManager(pluggy.PluginManager):
             try:
                 plugin = getattr(module, attribute)
             except AttributeError:
-                raise UsageError(f"-p {spec}: module {module_name!r} has no {attribute!r}") from None
+                raise UsageError(
+                    f"-p {spec}: module {module_name!r} has no {attribute!r}"
+                ) from None
         self.register(plugin, spec, origin="-p")
 
     # --- reporting ---------------------------------------------------------------------

@@ -61,7 +61,9 @@ class Monitor:
         """The monitored value in ``metrics``; a UsageError naming the keys there are if absent."""
         if self.metric not in metrics:
             known = ", ".join(sorted(metrics)) or "none"
-            raise UsageError(f"--monitor {self.metric}: no such metric this epoch (there are: {known})")
+            raise UsageError(
+                f"--monitor {self.metric}: no such metric this epoch (there are: {known})"
+            )
         return float(metrics[self.metric])
 
     def is_better(self, value: float) -> bool:

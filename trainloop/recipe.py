@@ -102,7 +102,11 @@ def _argparse_kwargs(kind: Any, flag: str) -> dict[str, Any]:
     if origin in (tuple, list):
         item = arguments[0] if arguments else str
         if origin is tuple and arguments and arguments[-1] is not Ellipsis:
-            return {"type": _converter(item), "nargs": len(arguments), "metavar": item.__name__.upper()}
+            return {
+                "type": _converter(item),
+                "nargs": len(arguments),
+                "metavar": item.__name__.upper(),
+            }
         return {"type": _converter(item), "nargs": "+", "metavar": item.__name__.upper()}
     if kind in (int, float, str, Path):
         return {"type": _converter(kind), "metavar": kind.__name__.upper()}
