@@ -167,7 +167,7 @@ def _format_row(columns: list[str], values: list[Any]) -> str:
     for column, value in zip(columns, values):
         width = max(len(column), 10)
         if isinstance(value, float):
-            text = f"{value:.1f}s" if column == "time" else f"{value:.6g}"
+            text = f"{value:.2f}s" if column == "time" else f"{value:.6g}"
         else:
             text = str(value)
         cells.append(text.rjust(width))

@@ -166,16 +166,17 @@ def run(argv: list[str]) -> int:
     config = RunConfig(options, run_dir, recipe_path, cfg, manager)
     manager.hook.configure(config=config)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if config.is_main_process:
-            print(f"run folder: {run_dir}", flush=True)
-            _write_config(run_dir / "config.json", recipe_path, cfg, options)
         learner = recipe.build(cfg)
         if not isinstance(learner, Learner):
             raise UsageError(
                 f"recipe {recipe_path}: build(cfg) returned {type(learner).__name__}, not a Learner"
             )
         _attach(learner, manager, selection.plugins, run_dir, cfg)
+        # made only now, so that a recipe that fails on bad input leaves no folder behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if config.is_main_process:
+            print(f"run folder: {run_dir}", flush=True)
+            _write_config(run_dir / "config.json", recipe_path, cfg, options)
         learner.fit(options.epochs)
         if callable(getattr(recipe, "predict", None)):
             recipe.predict(learner, cfg)

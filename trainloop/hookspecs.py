@@ -95,7 +95,7 @@ def configure(config: RunConfig) -> None:
     """Read your options and set up for the run; called after the command line is parsed.
 
     ``config.options`` holds every option, ``config.run_dir`` the run folder (created
-    right after this hook), ``config.recipe_config`` the recipe's ``Config``, and
+    once the recipe has built its Learner, before ``fit``), ``config.recipe_config`` the recipe's ``Config``, and
     ``config.is_main_process`` whether this process writes files (set it to ``False``
     with ``tryfirst`` on the other ranks of a distributed run; plugins that write
     files, print or log check it). This is the place to register
@@ -113,8 +113,8 @@ def make_run_dir(options: argparse.Namespace, recipe_path: Path) -> Path | None:
     """Return the run folder to use when ``--out`` is not given, or ``None`` for the default.
 
     The default is ``runs/<recipe>/<timestamp>``. The distributed plugin implements
-    this so that every process agrees on one folder. The folder is created after
-    :func:`configure`.
+    this so that every process agrees on one folder. The folder is created once the
+    recipe has built its Learner.
     """
 
 
