@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_data, make_learner
 
-from trainloop import CancelBatch, CancelEpoch, Learner, StopFit, hookimpl
+from trainloop import CancelBatch, CancelEpoch, Learner, StopFit, UsageError, hookimpl
 from trainloop.hookspecs import event_names
 
 
@@ -280,3 +280,17 @@ def test_state_dict_round_trips_the_loop_counters_and_partial_train_loss():
     assert (other.epoch, other.iteration, other.step) == (1, 2, 6)
     assert other.history == learner.history
     assert other._mean_train_loss() == pytest.approx(0.375)
+
+
+def test_empty_training_data_is_a_usage_error_not_a_silent_nan():
+    learner = make_learner()
+    learner.train_data = []
+    with pytest.raises(UsageError, match="training data yielded no batches"):
+        learner.fit(1)
+
+
+def test_empty_validation_data_is_a_usage_error():
+    learner = make_learner()
+    learner.valid_data = []
+    with pytest.raises(UsageError, match="validation data yielded no batches"):
+        learner.fit(1)

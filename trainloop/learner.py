@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from trainloop.errors import CancelBatch, CancelEpoch, StopFit
+from trainloop.errors import CancelBatch, CancelEpoch, StopFit, UsageError
 from trainloop.hookspecs import event_names, hookimpl
 from trainloop.manager import PluginManager
 
@@ -205,6 +205,7 @@ class Learner:
         self.training = True
         self.model.train()
         batches = self._iter_train_data(learner=self)
+        first = self.iteration
         try:
             for batch in batches:
                 self.batch = self._transfer_batch(learner=self, batch=batch)
@@ -218,6 +219,8 @@ class Learner:
         except CancelEpoch:
             self._finish_train()
             raise
+        if self.iteration == first == 0:
+            raise UsageError("the training data yielded no batches: is the dataset empty?")
         self._finish_train()
 
     def _finish_train(self) -> None:
@@ -270,12 +273,16 @@ class Learner:
         sizes: list[int] = []
 
         def run_batches() -> None:
+            seen = 0
             with torch.no_grad():
-                for self.iteration, batch in enumerate(data):
+                for seen, batch in enumerate(data, start=1):
+                    self.iteration = seen - 1
                     self.batch = self._transfer_batch(learner=self, batch=batch)
                     self._with_events(
                         functools.partial(self._valid_batch, totals, sizes), "batch", CancelBatch
                     )
+            if seen == 0:
+                raise UsageError("the validation data yielded no batches: is the dataset empty?")
             self.iteration = 0
             # the metrics are in learner.metrics before on_valid_end fires
             self.metrics.update(self._summarise_valid(totals, sizes))
@@ -284,14 +291,16 @@ class Learner:
 
     def _summarise_valid(self, totals: list[torch.Tensor], sizes: list[int]) -> dict[str, float]:
         names = ["valid_loss"] + [f"valid_{metric.__name__}" for metric in self.metric_funcs]
-        if not totals:
-            return dict.fromkeys(names, float("nan"))
-        weights = torch.tensor(sizes, device=totals[0].device, dtype=torch.float32)
-        weighted = (torch.stack(totals) * weights[:, None]).sum(dim=0)
-        summed = self._reduce_tensor(
-            learner=self, tensor=torch.cat([weighted, weights.sum()[None]])
-        ).tolist()
+        if totals:
+            weights = torch.tensor(sizes, device=totals[0].device, dtype=torch.float32)
+            weighted = (torch.stack(totals) * weights[:, None]).sum(dim=0)
+            local = torch.cat([weighted, weights.sum()[None]])
+        else:  # every batch cancelled here; the sum over processes must still happen
+            local = torch.zeros(len(names) + 1)
+        summed = self._reduce_tensor(learner=self, tensor=local).tolist()
         count = summed[-1]
+        if count == 0:
+            return dict.fromkeys(names, float("nan"))
         return {name: value / count for name, value in zip(names, summed)}
 
     def _valid_batch(self, totals: list[torch.Tensor], sizes: list[int]) -> None:
