@@ -166,7 +166,10 @@ def test_help_lists_the_config_fields_and_plugin_options(tiny, capsys):
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
-def test_bad_input_ends_with_one_clear_line_and_status_2(args, message, tiny, tmp_path, capsys):
+def test_bad_input_ends_with_one_clear_line_and_status_2(
+    args, message, tiny, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
     write(
         tmp_path / "no_build.py",
         "from dataclasses import dataclass\n@dataclass\nclass Config:\n    a: int = 1\n",
@@ -189,6 +192,7 @@ def test_bad_input_ends_with_one_clear_line_and_status_2(args, message, tiny, tm
     assert lines[0].startswith("trainloop: error: ")
     assert message in lines[0]
     assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # bad input leaves no run folder behind
 
 
 def test_a_plugin_given_with_p_module_attr_is_loaded_and_its_hooks_fire(
