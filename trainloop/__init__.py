@@ -16,6 +16,8 @@ try:
     __version__ = version("trainloop")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
+__version__: str
+"""The installed version of trainloop (``trainloop --version`` prints it)."""
 
 __all__ = [
     "CancelBatch",

@@ -68,9 +68,14 @@ if TYPE_CHECKING:
     from trainloop.run import RunConfig
 
 PROJECT = "trainloop"
+"""pluggy's project name: the prefix of the hook markers' attributes."""
 
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
+hookspec: pluggy.HookspecMarker = pluggy.HookspecMarker(PROJECT)
+"""Marks a hook specification (used in this module; plugins don't need it)."""
+
+hookimpl: pluggy.HookimplMarker = pluggy.HookimplMarker(PROJECT)
+"""Marks a hook implementation: ``@hookimpl``, ``@hookimpl(tryfirst=True)``,
+``@hookimpl(trylast=True)`` or ``@hookimpl(wrapper=True)``. Optional on ``on_*`` events."""
 
 
 # --- Command line: pytest's addoption / configure pattern ------------------------------

@@ -1,0 +1,50 @@
+"""A griffe extension: Sphinx roles in docstrings become mkdocstrings cross-references.
+
+It also labels the ``firstresult`` hooks in ``trainloop.hookspecs``, so the hook
+reference shows which hooks are steps with one owner.
+
+trainloop's docstrings are read by people in ``help()`` too, so they keep Sphinx's
+``:class:`~trainloop.StopFit``` roles and ``Example::`` literal blocks; this turns them
+into Markdown for the site: ``[StopFit][trainloop.StopFit]`` and ``Example:``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import griffe
+
+_ROLE = re.compile(r":(?:class|func|meth|attr|mod|exc|data|obj):`(~?)([\w.]+)`")
+
+
+class RstRoles(griffe.Extension):
+    """Rewrite Sphinx roles and ``::`` literal-block markers in every docstring."""
+
+    def on_object(self, *, obj: griffe.Object, **kwargs: object) -> None:
+        if obj.docstring is not None:
+            obj.docstring.value = convert(obj.docstring.value, obj)
+        if obj.is_function and obj.module.path == "trainloop.hookspecs":
+            for decorator in obj.decorators:  # a badge beside the hook's name
+                if "firstresult=True" in str(decorator.value).replace(" ", ""):
+                    obj.labels.add("firstresult")
+
+
+def convert(text: str, obj: griffe.Object) -> str:
+    def link(match: re.Match) -> str:
+        short, target = match.group(1), match.group(2)
+        if "." not in target:  # a name in this class or module, as Sphinx resolves it
+            target = _resolve(target, obj)
+        label = target.rsplit(".", 1)[-1] if short else target
+        return f"[`{label}`][{target}]"
+
+    text = _ROLE.sub(link, text)
+    return re.sub(r"(\S)::$", r"\1:", text, flags=re.MULTILINE)
+
+
+def _resolve(name: str, obj: griffe.Object) -> str:
+    scope: griffe.Object | None = obj if obj.is_module or obj.is_class else obj.parent
+    while scope is not None:
+        if name in scope.members:
+            return f"{scope.path}.{name}"
+        scope = scope.parent
+    return f"{obj.module.path}.{name}"
