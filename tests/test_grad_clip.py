@@ -8,12 +8,12 @@ import textwrap
 import pytest
 import torch
 from conftest import make_learner
-
-from trainloop import PluginManager, RunConfig, hookimpl
-from trainloop.cli import main
 from trainloop.plugins import grad_clip
 from trainloop.plugins.grad_accumulation import GradAccumulation
 from trainloop.plugins.grad_clip import GradClip
+
+from trainloop import PluginManager, RunConfig, hookimpl
+from trainloop.cli import main
 
 
 class GradientSpy:
@@ -81,7 +81,9 @@ def test_with_accumulation_the_clip_sees_the_averaged_gradient():
     )
     clipped.fit(1)
     assert spy_clipped.norms[0] == pytest.approx(mean_norm, rel=1e-6)
-    for mine, theirs in zip(clipped.model.parameters(), accumulated.model.parameters(), strict=True):
+    for mine, theirs in zip(
+        clipped.model.parameters(), accumulated.model.parameters(), strict=True
+    ):
         torch.testing.assert_close(mine, theirs)
 
 
