@@ -1,0 +1,483 @@
+"""distributed: data-parallel training on several processes with torch.distributed (DDP).
+
+Active when the process was started by ``torchrun`` (``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK`` are set); otherwise it registers nothing. ``trainloop run RECIPE
+--nproc-per-node N ...`` is a shortcut: it runs the same command line again under
+``python -m torch.distributed.run --standalone --nproc-per-node N``, with ``--out``
+fixed so that every process writes to one folder, and exits with its status.
+
+What it does in each process:
+
+* joins the process group (``init_process_group``: NCCL on GPUs, gloo on the CPU) and
+  takes one device per local rank: it sets ``--device`` to ``cuda:LOCAL_RANK`` (or
+  ``cpu`` without CUDA), which the device plugin then uses;
+* agrees on one run folder: rank 0 picks ``runs/<recipe>/<timestamp>`` and sends it to
+  the others (the ``make_run_dir`` hook);
+* makes rank 0 the only writer: ``config.is_main_process`` is ``False`` on the other
+  ranks, so the plugins that write logs, progress, checkpoints, predictions and
+  ``metrics.jsonl`` stay quiet there;
+* when ``fit`` starts, wraps the model in ``DistributedDataParallel`` for the training
+  forward pass (``learner.model`` stays the plain module, so checkpoints keep their
+  keys), after the device plugin has placed it and before a resume restores it (every
+  rank loads the checkpoint);
+* splits the training data between the processes, a new order each epoch
+  (``set_epoch``): a ``DataLoader`` is rebuilt with a ``DistributedSampler``,
+  ``TensorBatches`` becomes :class:`ShardedTensorBatches`, a list of batches is dealt
+  out batch by batch. Every process gets the same number of batches (the last ones
+  are padded by repeating samples, as ``DistributedSampler`` does);
+* splits the validation data without padding, so each sample counts once, and sums the
+  validation totals over the processes (the ``reduce_tensor`` hook): every rank
+  reports the metrics of the full validation set;
+* leaves the process group when the run ends, whatever happened.
+
+Options: ``--nproc-per-node N`` (the shortcut), ``--dist-backend auto|nccl|gloo``.
+Writes nothing itself. Python API, in a script started with torchrun::
+
+    Learner(..., plugins=[Device(local_device()), Distributed()])
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
+
+from trainloop import Learner, RunConfig, UsageError, hookimpl
+from trainloop.data.tensors import TensorBatches
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+# --- module hooks: the command line ----------------------------------------------------
+
+
+@hookimpl
+def add_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("distributed")
+    group.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on N processes of this machine (one per GPU) by running this "
+        "command under torchrun",
+    )
+    group.add_argument(
+        "--dist-backend",
+        choices=("auto", "nccl", "gloo"),
+        default="auto",
+        help="process group backend; auto: nccl on GPUs, gloo on the CPU (default: auto)",
+    )
+
+
+@hookimpl(trylast=True)  # a plugin that resumes into an existing folder decides first
+def make_run_dir(options: argparse.Namespace, recipe_path: Path) -> Path | None:
+    if not launched():
+        return None
+    device = local_device(getattr(options, "device", "auto"))
+    init_process_group(options.dist_backend, device)
+    chosen = [str(_new_run_dir(recipe_path)) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
+
+
+@hookimpl(tryfirst=True)  # before the plugins that check is_main_process or read --device
+def configure(config: RunConfig) -> None:
+    options = config.options
+    if not launched():
+        if options.nproc_per_node is not None:
+            raise SystemExit(hand_off_to_torchrun(options, config.run_dir))
+        return
+    device = local_device(getattr(options, "device", "auto"))
+    if hasattr(options, "device"):
+        options.device = str(device)  # the device plugin places the model there
+    init_process_group(options.dist_backend, device)
+    config.is_main_process = dist.get_rank() == 0
+    plugin = Distributed(device=device, seed=options.seed)
+    config.plugin_manager.register(plugin, "distributed.ddp")
+
+
+@hookimpl
+def unconfigure() -> None:
+    destroy_process_group()
+
+
+# --- processes and devices -------------------------------------------------------------
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+    return all(name in os.environ for name in LAUNCH_VARIABLES)
+
+
+def local_device(requested: str = "auto") -> torch.device:
+    """This process's device: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+
+    ``requested`` is the ``--device`` value: ``auto`` and ``cuda`` mean one GPU per
+    local rank; any other value (``cpu``, ``cuda:1``) is kept as it is.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise UsageError(
+                f"distributed: local rank {local_rank} has no GPU of its own ({count} visible); "
+                f"start at most {count} processes per node, or use --device cpu"
+            )
+        return torch.device("cuda", local_rank)
+    if requested in ("auto", "cuda"):
+        return torch.device("cpu")
+    return torch.device(requested)
+
+
+def init_process_group(backend: str = "auto", device: torch.device | None = None) -> bool:
+    """Join the process group from torchrun's variables, once; return whether it joined now.
+
+    ``backend="auto"`` is NCCL for a CUDA ``device`` and gloo otherwise.
+    """
+    if dist.is_initialized():
+        return False
+    device = device or local_device()
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend)
+    atexit.register(destroy_process_group)  # also when a run ends before unconfigure
+    return True
+
+
+def destroy_process_group() -> None:
+    """Leave the process group, if this process is in one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _new_run_dir(recipe_path: Path) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / Path(recipe_path).stem / stamp
+    candidate, number = base, 2
+    while candidate.exists():
+        candidate, number = base.with_name(f"{stamp}-{number}"), number + 1
+    return candidate
+
+
+# --- the --nproc-per-node shortcut -----------------------------------------------------
+
+
+def torchrun_command(argv: list[str], nproc_per_node: int, run_dir: Path) -> list[str]:
+    """The command that runs ``trainloop ARGV`` under torchrun on ``nproc_per_node`` processes.
+
+    ``--nproc-per-node`` and ``--out`` are taken out of ``argv`` and ``--out run_dir`` is
+    added, so that every process writes into the same folder.
+    """
+    kept: list[str] = []
+    skip_value = False
+    for argument in argv:
+        if skip_value:
+            skip_value = False
+            continue
+        if argument in ("--nproc-per-node", "--out"):
+            skip_value = True
+            continue
+        if argument.startswith(("--nproc-per-node=", "--out=")):
+            continue
+        kept.append(argument)
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc_per_node}",
+        "-m",
+        "trainloop",
+        *kept,
+        "--out",
+        str(run_dir),
+    ]
+
+
+def hand_off_to_torchrun(options: argparse.Namespace, run_dir: Path) -> int:
+    """Run this process's command line again under torchrun; return torchrun's exit status."""
+    count = options.nproc_per_node
+    if count < 1:
+        raise UsageError(f"--nproc-per-node {count}: give a number of processes, at least 1")
+    requested = getattr(options, "device", "auto")
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if count > gpus:
+            raise UsageError(
+                f"--nproc-per-node {count}: this machine has {gpus} GPU(s), one per process; "
+                f"use --nproc-per-node {gpus} or fewer, or --device cpu"
+            )
+    argv = sys.argv[1:]
+    if argv[:1] != ["run"]:
+        raise UsageError(
+            "--nproc-per-node works from the command line (trainloop run ...); "
+            "in Python, start your script with torchrun"
+        )
+    command = torchrun_command(argv, count, run_dir)
+    print(f"trainloop: {count} processes with torchrun, run folder {run_dir}", flush=True)
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its workers
+        return process.wait()
+
+
+# --- splitting the data between processes ----------------------------------------------
+
+
+class ShardedTensorBatches:
+    """One process's share of a :class:`~trainloop.data.tensors.TensorBatches`.
+
+    Like ``DistributedSampler``: each epoch every process draws the same order of the
+    samples (from ``seed + epoch``, not from the global RNG), pads it by repeating
+    samples to a multiple of ``world_size``, and takes every ``world_size``-th sample
+    from position ``rank``; so the processes see disjoint samples and the same number
+    of batches. Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, batches: TensorBatches, rank: int, world_size: int, seed: int = 0) -> None:
+        self.tensors = batches.tensors
+        self.batch_size = batches.batch_size
+        self.shuffle = batches.shuffle
+        self.drop_last = batches.drop_last
+        self.total = batches.num_samples
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = 0
+        self.num_samples = math.ceil(self.total / world_size)  # this process's share
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch``: the same on every process, new each epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def indices(self) -> torch.Tensor:
+        """The indices of this process's samples for the current epoch."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.total, generator=generator)
+        else:
+            order = torch.arange(self.total)
+        padding = self.num_samples * self.world_size - self.total
+        if padding:
+            order = torch.cat([order, order.repeat(math.ceil(padding / self.total))[:padding]])
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        mine = self.indices()  # now, not at the first batch (as TensorBatches does)
+        return self._batches({tensor.device: mine.to(tensor.device) for tensor in self.tensors})
+
+    def _batches(
+        self, mine_on: dict[torch.device, torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            stop = start + self.batch_size
+            yield tuple(
+                tensor.index_select(0, mine_on[tensor.device][start:stop])
+                for tensor in self.tensors
+            )
+
+
+class _RangeSampler(Sampler[int]):
+    """The indices ``rank, rank + world_size, ...`` of a data set: a share without padding."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _rebuild_loader(loader: DataLoader, sampler: Sampler) -> DataLoader:
+    """A DataLoader like ``loader`` (same batch size, workers, collate, ...) over ``sampler``."""
+    settings = {
+        "batch_size": loader.batch_size,
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "drop_last": loader.drop_last,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "generator": loader.generator,
+        "persistent_workers": loader.persistent_workers,
+        "pin_memory_device": loader.pin_memory_device,
+    }
+    if loader.num_workers > 0:
+        settings["prefetch_factor"] = loader.prefetch_factor
+    if hasattr(loader, "in_order"):
+        settings["in_order"] = loader.in_order
+    return DataLoader(loader.dataset, sampler=sampler, **settings)
+
+
+def shard_train_data(data: Any, rank: int, world_size: int, seed: int = 0) -> Any:
+    """This process's share of the training data, each process with as many batches.
+
+    Raises :class:`~trainloop.UsageError` for data it cannot split.
+    """
+    if isinstance(data, TensorBatches):
+        return ShardedTensorBatches(data, rank, world_size, seed)
+    if isinstance(data, DataLoader):
+        if isinstance(data.sampler, DistributedSampler):
+            return data  # split already
+        if isinstance(data.dataset, IterableDataset) or data.batch_size is None:
+            raise UsageError(
+                "distributed: cannot split a DataLoader over an IterableDataset or with its "
+                "own batch_sampler between processes; give it a DistributedSampler yourself"
+            )
+        sampler = DistributedSampler(
+            data.dataset,
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=isinstance(data.sampler, RandomSampler),
+            seed=seed,
+        )
+        return _rebuild_loader(data, sampler)
+    if isinstance(data, (list, tuple)) and data:
+        per_process = math.ceil(len(data) / world_size)
+        padded = [data[index % len(data)] for index in range(per_process * world_size)]
+        return padded[rank::world_size]
+    raise UsageError(
+        f"distributed: cannot split train_data of type {type(data).__name__} between "
+        "processes; use a DataLoader, TensorBatches or a list of batches"
+    )
+
+
+def shard_valid_data(data: Any, rank: int, world_size: int) -> Any:
+    """This process's share of the validation data, without padding: each sample once.
+
+    Data that cannot be split, or that has fewer samples (batches, for a list) than
+    processes, is returned whole: every process then validates all of it, and the sums
+    and counts grow alike, so the metrics are still those of the full set.
+    """
+    if isinstance(data, TensorBatches):
+        if data.num_samples < world_size:
+            return data
+        start = data.num_samples * rank // world_size
+        stop = data.num_samples * (rank + 1) // world_size
+        return TensorBatches(
+            *(tensor[start:stop] for tensor in data.tensors),
+            batch_size=data.batch_size,
+            drop_last=data.drop_last,
+        )
+    if isinstance(data, DataLoader):
+        if isinstance(data.dataset, IterableDataset) or data.batch_size is None:
+            return data
+        length = len(data.dataset)
+        if length < world_size:
+            return data
+        return _rebuild_loader(data, _RangeSampler(length, rank, world_size))
+    if isinstance(data, (list, tuple)) and len(data) >= world_size:
+        return list(data[rank::world_size])
+    return data
+
+
+# --- the per-run plugin ----------------------------------------------------------------
+
+
+class Distributed:
+    """DistributedDataParallel training in a process started by torchrun.
+
+    Joins the process group if no one has (and then leaves it when ``fit`` ends),
+    wraps the model in DDP for the training forward pass, splits the training and
+    validation data between the processes, and sums the validation totals over them.
+
+    Args:
+        device: this process's device; default :func:`local_device`.
+        backend: ``"nccl"``, ``"gloo"`` or ``"auto"`` (NCCL for CUDA, else gloo).
+        seed: seeds the order of the training samples (with the epoch).
+        find_unused_parameters: passed to DistributedDataParallel.
+
+    Attributes:
+        forward_module: the DDP wrapper while ``fit`` runs (the compile plugin compiles
+            it), else ``None``.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+        seed: int = 0,
+        find_unused_parameters: bool = False,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else local_device()
+        self.backend = backend
+        self.seed = seed
+        self.find_unused_parameters = find_unused_parameters
+        self.forward_module: torch.nn.parallel.DistributedDataParallel | None = None
+        self._owns_group = False
+        self._original_data: tuple[Any, Any] | None = None  # while fit runs
+
+    @hookimpl(wrapper=True)  # after the device plugin's (tryfirst), before a resume
+    def on_fit_begin(self, learner: Learner) -> Any:
+        self._owns_group = init_process_group(self.backend, self.device) or self._owns_group
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        learner.model.to(self.device)  # a no-op when the device plugin placed it
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # DDP copies rank 0's parameters and buffers to every process here.
+        self.forward_module = torch.nn.parallel.DistributedDataParallel(
+            learner.model,
+            device_ids=device_ids,
+            find_unused_parameters=self.find_unused_parameters,
+        )
+        self._original_data = (learner.train_data, learner.valid_data)
+        learner.train_data = shard_train_data(learner.train_data, rank, world_size, self.seed)
+        if learner.valid_data is not None:
+            learner.valid_data = shard_valid_data(learner.valid_data, rank, world_size)
+        return (yield)
+
+    def on_epoch_begin(self, learner: Learner) -> None:
+        data = learner.train_data
+        set_epoch = getattr(data, "set_epoch", None) or getattr(
+            getattr(data, "sampler", None), "set_epoch", None
+        )
+        if set_epoch is not None:
+            set_epoch(learner.epoch)
+
+    @hookimpl
+    def forward(self, learner: Learner, batch: Any) -> Any:
+        # Validation and prediction use the plain module: a process may have one batch
+        # fewer than another, and DDP's forward may wait on the others.
+        if self.forward_module is None or not learner.training:
+            return None
+        return self.forward_module(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+    @hookimpl
+    def reduce_tensor(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        if not dist.is_initialized():
+            return None
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @hookimpl(trylast=True)  # after the plugins that still reduce or save at the end
+    def on_fit_end(self, learner: Learner) -> None:
+        if self._original_data is not None:
+            learner.train_data, learner.valid_data = self._original_data
+            self._original_data = None
+        self.forward_module = None
+        if self._owns_group:
+            destroy_process_group()
+            self._owns_group = False
