@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_learner
+from trainloop.plugins import device as device_plugin
+from trainloop.plugins.device import Compile, Device, move_batch, pin_memory_default, resolve_device
 
 from trainloop import Learner, PluginManager, RunConfig, UsageError
 from trainloop.cli import main
-from trainloop.plugins import device as device_plugin
-from trainloop.plugins.device import Compile, Device, move_batch, pin_memory_default, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -25,7 +25,9 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def configure(**options) -> RunConfig:
     """Run the device plugin's configure hook with these options; return the config."""
     values = {"device": "auto", "channels_last": False, "compile": False, **options}
-    config = RunConfig(argparse.Namespace(**values), Path("unused"), Path("r.py"), None, PluginManager())
+    config = RunConfig(
+        argparse.Namespace(**values), Path("unused"), Path("r.py"), None, PluginManager()
+    )
     device_plugin.configure(config=config)
     return config
 
