@@ -465,3 +465,75 @@ def test_neuron_page_picture_is_what_the_recipe_draws_today(page_run):
         "![" in (LEARN / "neuron.md").read_text()
         and "(error_surface.png)" in (LEARN / "neuron.md").read_text()
     )
+
+
+# --- the names the prose mentions exist ---------------------------------------------------
+
+
+def prose_of(name: str) -> str:
+    """The page without its fenced code blocks."""
+    return re.sub(
+        r"^[ \t]*```.*?^[ \t]*```$", "", (LEARN / f"{name}.md").read_text(), flags=re.S | re.M
+    )
+
+
+def recipe_help(recipe: Path) -> str:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    status = _main_with_help(["run", str(recipe)], stdout, stderr)
+    assert status == 0, stderr.getvalue()
+    return stdout.getvalue()
+
+
+def test_every_option_the_prose_names_exists(monkeypatch):
+    monkeypatch.setenv(cli.DISABLE_AUTOLOAD, "1")
+    helps = "\n".join(recipe_help(recipe) for recipe in sorted((ROOT / "recipes").glob("*.py")))
+    known = set(re.findall(r"--[\w-]+", helps)) | {"--help"}
+    named = {}
+    for page in PAGES:
+        spans = re.findall(r"`([^`]+)`", prose_of(page))
+        # options of other programs (`tensorboard --logdir DIR`) are not trainloop's
+        ours = [span for span in spans if not re.match(r"(tensorboard|pip) ", span)]
+        named[page] = sorted(set(re.findall(r"--[a-z][\w-]*", " ".join(ours))) - known)
+    named = {page: options for page, options in named.items() if options}
+    if not (ROOT / "recipes" / "unet_carvana.py").exists():
+        named.pop("unet", None)  # its options are checked once the recipe exists
+    assert named == {}
+
+
+def table_rows(name: str) -> list[list[str]]:
+    rows = []
+    for line in (LEARN / f"{name}.md").read_text().splitlines():
+        if line.startswith("| `"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_callbacks_table_names_built_in_plugins_and_the_hooks_they_use():
+    from trainloop.manager import PluginManager, builtin_plugin_names
+
+    rows = table_rows("callbacks")
+    assert [row[0] for row in rows] == [
+        "`TensorboardVisualizerCallback`",
+        "`TensorboardLoggerCallback`",
+        "`ModelSaverCallback`",
+        "`PredictionsSaverCallback`",
+    ]
+    manager = PluginManager()
+    manager.load_builtins()
+    not_yet = []
+    for _, in_trainloop, hooks_cell in rows:
+        plugins = re.findall(r"the `(\w+)` plugin", in_trainloop)
+        assert plugins, in_trainloop
+        present = [name for name in plugins if name in builtin_plugin_names()]
+        not_yet += [name for name in plugins if name not in present]
+        if not present:
+            continue
+        used = set()
+        for name in present:
+            module = manager.get_plugin(name)
+            used.update(manager.implemented_hooks(module))
+            used.update(re.findall(r"hook\.(\w+)", Path(module.__file__).read_text()))
+        hooks = re.findall(r"`(\w+)`", hooks_cell)
+        assert [hook for hook in hooks if hook not in used] == [], plugins
+    if not_yet:
+        pytest.skip(f"docs/learn/callbacks.md names plugins not built in yet: {not_yet}")
