@@ -217,7 +217,11 @@ def on_step_begin(learner: Learner) -> None:
 
 @hookspec
 def on_step_end(learner: Learner) -> None:
-    """The optimizer has stepped; gradients are not yet zeroed. ``learner.step`` counts it."""
+    """The optimizer has stepped; gradients are not yet zeroed.
+
+    ``learner.step`` still counts the batches done before this one: it goes up once the
+    batch is over, after ``on_batch_end``.
+    """
 
 
 @hookspec
