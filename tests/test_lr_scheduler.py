@@ -316,3 +316,33 @@ def test_bad_schedule_options_are_usage_errors(tmp_path, capsys, option, value, 
     argv = ["run", str(recipe), "--out", str(tmp_path / "run"), "--lr-schedule", "step"]
     assert main([*argv, option, value]) == 2
     assert message in capsys.readouterr().err
+
+
+STOPPER = """
+def on_epoch_end(learner):
+    if learner.epoch == 1:
+        learner.should_stop = True
+"""
+
+
+def test_a_run_resumed_with_the_checkpoint_plugin_continues_the_schedule(
+    tmp_path, capsys, monkeypatch
+):
+    recipe = tmp_path / "tiny.py"
+    recipe.write_text(textwrap.dedent(TINY_RECIPE))
+    (tmp_path / "stop_after_epoch_1.py").write_text(textwrap.dedent(STOPPER))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["run", str(recipe), "--epochs", "4", "--no-tensorboard", "--lr-schedule", "cosine"]
+
+    def lrs(out):
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["lr"] for line in lines]
+
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    stopped = tmp_path / "stopped"
+    assert main([*common, "--out", str(stopped), "-p", "stop_after_epoch_1"]) == 0
+    assert len(lrs(stopped)) == 2
+    assert main([*common, "--out", str(stopped), "--resume"]) == 0
+    assert lrs(stopped) == pytest.approx(lrs(tmp_path / "whole"))
+    expected = [0.05 * (1 + math.cos(math.pi * epoch / 4)) for epoch in range(4)]
+    assert lrs(stopped) == pytest.approx(expected)
