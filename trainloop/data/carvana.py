@@ -1,0 +1,386 @@
+"""The Carvana Image Masking Challenge as data: files, split, synthetic set, dataset, loader.
+
+Everything a Carvana recipe needs, importable from here::
+
+    from trainloop.data.carvana import (
+        CarvanaDataset, check_layout, check_size, ensure_data, make_loader, split_by_car,
+    )
+
+    ensure_data("input")                      # a synthetic set when "input" has no data
+    layout = check_layout("input")
+    train_ids, valid_ids = split_by_car(layout.train_ids, valid_size=0.2, seed=0)
+    train_data = make_loader(
+        CarvanaDataset("input", train_ids, size=(480, 320), augment=True),
+        batch_size=8, shuffle=True, workers=2,
+    )
+
+Sizes are ``(width, height)`` throughout, as image files state them; torchvision wants
+``(height, width)`` and this module does that conversion in one place.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.io
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import query_size
+
+from trainloop.data.carvana_files import (
+    COMPETITION,
+    Layout,
+    car_id_of,
+    check_layout,
+    fetch_kaggle,
+    has_carvana_files,
+    kaggle_file_names,
+    unpack,
+)
+from trainloop.data.carvana_synthetic import (
+    SyntheticCar,
+    ensure_data,
+    generate_dataset,
+    render_view,
+)
+from trainloop.errors import UsageError
+
+__all__ = [
+    "COMPETITION",
+    "CarvanaDataset",
+    "Layout",
+    "SharedGridAffine",
+    "SyntheticCar",
+    "car_id_of",
+    "check_layout",
+    "check_size",
+    "ensure_data",
+    "fetch_kaggle",
+    "generate_dataset",
+    "has_carvana_files",
+    "kaggle_file_names",
+    "make_loader",
+    "read_jpeg",
+    "read_mask",
+    "render_view",
+    "split_by_car",
+    "unpack",
+]
+
+
+def split_by_car(
+    ids: Sequence[str],
+    valid_size: float | int = 0.2,
+    sample_size: int | None = None,
+    seed: int = 0,
+) -> tuple[list[str], list[str]]:
+    """Split image ids into training and validation ids with no car on both sides.
+
+    The 16 views of a car are near duplicates, so a split by image would leak the
+    validation cars into training. ``valid_size`` is a fraction of the cars when a float
+    (``0.2``; at least one car when above 0) and a number of images when an int (``320``,
+    rounded down to whole cars, at least one car when above 0). ``sample_size``, when
+    given, first keeps about that many images (whole cars, at least one), for quick runs.
+    The same ``seed`` gives the same split whatever the order of ``ids``. Returns two
+    sorted lists.
+    """
+    if isinstance(valid_size, bool) or not isinstance(valid_size, numbers.Real):
+        raise UsageError(
+            f"valid_size {valid_size!r} must be a fraction like 0.2 or a number of images"
+        )
+    if isinstance(valid_size, numbers.Integral) and valid_size < 0:
+        raise UsageError(f"valid_size {valid_size} must not be negative")
+    if not isinstance(valid_size, numbers.Integral) and not 0.0 <= valid_size < 1.0:
+        raise UsageError(
+            f"valid_size {valid_size} must be a fraction in [0, 1) or a number of images"
+        )
+    if sample_size is not None and sample_size < 1:
+        raise UsageError(f"sample_size {sample_size} must be at least 1 image, or None for all")
+    images_of: dict[str, list[str]] = {}
+    for image_id in ids:
+        images_of.setdefault(car_id_of(image_id), []).append(image_id)
+    if not images_of:
+        raise UsageError("there are no training images to split: check the input folder")
+    cars = sorted(images_of)
+    random.Random(seed).shuffle(cars)
+
+    def leading_cars(image_count: int) -> list[str]:
+        """The first cars whose images add up to ``image_count`` at most (one car at least)."""
+        taken, total = [], 0
+        for car in cars:
+            if taken and total + len(images_of[car]) > image_count:
+                break
+            taken.append(car)
+            total += len(images_of[car])
+        return taken
+
+    if sample_size is not None:
+        cars = leading_cars(sample_size)
+    if valid_size == 0:
+        valid_cars = []
+    elif isinstance(valid_size, numbers.Integral):
+        valid_cars = leading_cars(int(valid_size))
+    else:
+        valid_cars = cars[: max(1, round(valid_size * len(cars)))]
+    if len(valid_cars) >= len(cars):
+        raise UsageError(
+            f"valid_size {valid_size} leaves no car for training out of {len(cars)}: "
+            f"use a smaller valid_size or more images"
+        )
+    valid_set = set(valid_cars)
+    train_ids = [image_id for car in cars if car not in valid_set for image_id in images_of[car]]
+    valid_ids = [image_id for car in valid_cars for image_id in images_of[car]]
+    return sorted(train_ids), sorted(valid_ids)
+
+
+def check_size(size: tuple[int, int], depth: int, name: str = "image size") -> None:
+    """Raise ``UsageError`` unless both sides of ``size`` = ``(width, height)`` divide by 2**depth.
+
+    A U-Net of ``depth`` halvings needs that. The message names the nearest valid sizes
+    above and below, e.g. "image size 250x170 is not divisible by 2^4=16: use 256x176 or
+    240x160".
+    """
+    width, height = size
+    step = 2**depth
+    if width % step == 0 and height % step == 0 and width > 0 and height > 0:
+        return
+    up = (-(-width // step) * step, -(-height // step) * step)
+    down = (width // step * step, height // step * step)
+    choices = f"{up[0]}x{up[1]}"
+    if min(down) > 0 and down != up:
+        choices += f" or {down[0]}x{down[1]}"
+    raise UsageError(f"{name} {width}x{height} is not divisible by 2^{depth}={step}: use {choices}")
+
+
+def read_jpeg(path: str | os.PathLike) -> torch.Tensor:
+    """Decode a JPEG file into a uint8 RGB tensor of shape ``(3, height, width)``.
+
+    Uses torchvision's libjpeg-turbo decoder, about twice as fast as Pillow's route
+    through numpy into a channels-first tensor. Raises ``UsageError`` naming the file when
+    it is missing or corrupt.
+    """
+    try:
+        data = torchvision.io.read_file(str(path))
+        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB)
+    except RuntimeError as error:
+        if not Path(path).exists():
+            raise UsageError(
+                f"{path} does not exist: check the input folder and the image ids"
+            ) from None
+        # torchvision prefixes its reason with "function, source file:line, ".
+        reason = str(error).strip().splitlines()[0].split(", ")[-1] if str(error) else "unknown"
+        raise UsageError(
+            f"{path} is not a readable JPEG image ({reason}): replace it with the original "
+            f"from the Kaggle zip file"
+        ) from None
+
+
+def read_mask(path: str | os.PathLike) -> torch.Tensor:
+    """Read a mask file (GIF on Kaggle) into a uint8 tensor of 0 and 1, shape ``(1, height, width)``.
+
+    Any non-zero palette index or grey value is foreground. Raises ``UsageError`` naming
+    the file when it is missing or unreadable.
+    """
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L", "1"):
+                image = image.convert("L")
+            pixels = np.asarray(image)
+    except FileNotFoundError:
+        raise UsageError(
+            f"{path} does not exist: unzip train_masks.zip into the input folder"
+        ) from None
+    except Exception as error:
+        raise UsageError(
+            f"{path} is not a readable mask ({error}): replace it with the original from the "
+            f"Kaggle zip file"
+        ) from None
+    return torch.from_numpy((pixels != 0).astype(np.uint8)).unsqueeze(0)
+
+
+class SharedGridAffine(v2.RandomAffine):
+    """``v2.RandomAffine`` (no shear) that samples photo and mask through one shared grid.
+
+    Same random draw and result as ``v2.RandomAffine`` with nearest-neighbour sampling and
+    zero fill; about three times faster on CPU, where the affine transform would otherwise
+    cost more than decoding the JPEG: torchvision builds a sampling grid for each input
+    with a batched matrix product, this builds it once per draw by broadcasting. Inputs
+    other than float images and masks go to ``v2.RandomAffine``.
+    """
+
+    def make_params(self, flat_inputs: list) -> dict:
+        params = super().make_params(flat_inputs)
+        height, width = query_size(flat_inputs)
+        # Output pixel p (centred coordinates) samples the input at R(-angle) (p - t) / scale.
+        angle = math.radians(params["angle"])
+        cos, sin = math.cos(angle) / params["scale"], math.sin(angle) / params["scale"]
+        shift_x, shift_y = params["translate"]
+        columns = torch.arange(width, dtype=torch.float32) - (width - 1) / 2 - shift_x
+        rows = torch.arange(height, dtype=torch.float32)[:, None] - (height - 1) / 2 - shift_y
+        # Normalised to [-1, 1] across the pixels' outer edges, grid_sample's align_corners=False.
+        source_x = (cos * columns + sin * rows) / (width / 2)
+        source_y = (-sin * columns + cos * rows) / (height / 2)
+        params["grid"] = torch.stack(torch.broadcast_tensors(source_x, source_y), dim=-1)[None]
+        return params
+
+    def transform(self, inpt, params: dict):
+        if isinstance(inpt, tv_tensors.Image | tv_tensors.Mask) and inpt.is_floating_point():
+            batch = inpt.as_subclass(torch.Tensor).unsqueeze(0)
+            sampled = torch.nn.functional.grid_sample(
+                batch, params["grid"], mode="nearest", padding_mode="zeros", align_corners=False
+            )
+            return tv_tensors.wrap(sampled[0], like=inpt)
+        return super().transform(inpt, params)
+
+
+def _transform(size: tuple[int, int] | None, augment: bool, dtype: torch.dtype) -> v2.Compose:
+    steps: list[v2.Transform] = []
+    if size is not None:
+        width, height = size
+        # torchvision sizes are (height, width). Masks are resized with nearest neighbours.
+        steps.append(v2.Resize((height, width), antialias=True))
+    if augment or dtype == torch.float32:
+        # Resizing is fastest on uint8; the augmentations below are fastest on float32,
+        # which spares them a conversion to float and back each.
+        steps.append(
+            v2.ToDtype(
+                {tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.float32}, scale=True
+            )
+        )
+    if augment:
+        steps += [
+            v2.RandomHorizontalFlip(),
+            SharedGridAffine(degrees=5.0, translate=(0.04, 0.04), scale=(0.95, 1.05)),
+            # Colour transforms leave masks alone; hue is left out, it is slow on CPU.
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+        ]
+    if augment and dtype == torch.uint8:
+        steps.append(
+            v2.ToDtype({tv_tensors.Image: torch.uint8, tv_tensors.Mask: torch.uint8}, scale=True)
+        )
+    return v2.Compose(steps)
+
+
+class CarvanaDataset(Dataset):
+    """Carvana photos (and, for ``split="train"``, their masks) as tensors.
+
+    ``ids`` are image ids without extension (``"00087a6bd4dc_01"``); ``None`` takes every
+    photo of the split's folder. ``size`` = ``(width, height)`` resizes photos and masks
+    (``None`` keeps the original size). ``augment`` applies a random horizontal flip, a
+    small random affine transform and colour jitter (photo only); photo and mask share one
+    random draw, so they stay aligned.
+
+    Items of ``split="train"`` are ``(image, mask)``: ``image`` float32 ``(3, H, W)`` with
+    values in [0, 1] (not normalised by a mean and std: the U-Net's BatchNorm takes care of
+    scale), ``mask`` float32 ``(1, H, W)`` of 0 and 1. Items of ``split="test"`` are
+    ``(image, index)``; ``names[index]`` is the file name for the submission and
+    ``original_size(index)`` the size to resize the prediction back to.
+
+    ``dtype=torch.uint8`` returns the photo as 0..255 and the mask as 0 and 1 in uint8
+    instead: a quarter of the bytes for the loader workers to hand over through shared
+    memory (which costs them about as much as decoding, at 480x320) and to copy to the
+    GPU; convert there with ``image.float() / 255`` and ``mask.float()``.
+    """
+
+    def __init__(
+        self,
+        input_dir: str | os.PathLike,
+        ids: Sequence[str] | None = None,
+        size: tuple[int, int] | None = None,
+        augment: bool = False,
+        split: str = "train",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f'split must be "train" or "test", got {split!r}')
+        if dtype not in (torch.float32, torch.uint8):
+            raise ValueError(f"dtype must be torch.float32 or torch.uint8, got {dtype}")
+        if augment and split == "test":
+            raise ValueError("augment applies to the training split only")
+        self.input_dir = Path(input_dir)
+        self.split = split
+        self.image_dir = self.input_dir / split
+        self.mask_dir = self.input_dir / "train_masks"
+        if ids is None:
+            if not self.image_dir.is_dir():
+                raise UsageError(
+                    f"{self.image_dir} does not exist: unzip {split}.zip into {self.input_dir}"
+                )
+            ids = sorted(
+                name.removesuffix(".jpg")
+                for name in os.listdir(self.image_dir)
+                if name.endswith(".jpg")
+            )
+        self.ids = list(ids)
+        if not self.ids:
+            raise UsageError(
+                f"{self.image_dir} has no .jpg images to load: unzip {split}.zip into {self.input_dir}"
+            )
+        self.names = [f"{image_id}.jpg" for image_id in self.ids]
+        self.size = size
+        self.augment = augment
+        self.dtype = dtype
+        self.transform = _transform(size, augment, dtype)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, index: int) -> Path:
+        """The photo file of item ``index``."""
+        return self.image_dir / self.names[index]
+
+    def mask_path(self, index: int) -> Path:
+        """The mask file of item ``index`` (training split)."""
+        return self.mask_dir / f"{self.ids[index]}_mask.gif"
+
+    def original_size(self, index: int) -> tuple[int, int]:
+        """``(width, height)`` of photo ``index`` as its file header states it."""
+        with Image.open(self.image_path(index)) as image:
+            return image.size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor | int]:
+        image = tv_tensors.Image(read_jpeg(self.image_path(index)))
+        if self.split == "test":
+            return self.transform(image).as_subclass(torch.Tensor), index
+        mask = tv_tensors.Mask(read_mask(self.mask_path(index)))
+        if image.shape[-2:] != mask.shape[-2:]:
+            raise UsageError(
+                f"{self.mask_path(index)} is {mask.shape[-1]}x{mask.shape[-2]} but its image "
+                f"{self.image_path(index)} is {image.shape[-1]}x{image.shape[-2]}: replace them "
+                f"with the originals from the Kaggle zip files"
+            )
+        image, mask = self.transform(image, mask)
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A ``DataLoader`` over ``dataset`` with ``workers`` processes kept between epochs.
+
+    ``pin_memory`` takes effect only when CUDA is available (it is useless, and warns,
+    without it).
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+    )
