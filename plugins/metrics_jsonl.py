@@ -20,6 +20,8 @@ FILE_NAME = "metrics.jsonl"
 
 @hookimpl
 def configure(config: RunConfig) -> None:
+    if not config.is_main_process:  # one file per run, written by rank 0
+        return
     config.plugin_manager.register(MetricsFile(config.run_dir / FILE_NAME), "metrics_jsonl.writer")
 
 

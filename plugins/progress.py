@@ -40,6 +40,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 @hookimpl
 def configure(config: RunConfig) -> None:
+    if not config.is_main_process:  # only rank 0 of a distributed run shows progress
+        return
     options = config.options
     plugin = Progress(mode=options.progress, plain_every=options.progress_every)
     config.plugin_manager.register(plugin, "progress.display")
