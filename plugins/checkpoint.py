@@ -1,0 +1,708 @@
+"""checkpoint: resumable checkpoints in ``checkpoints/``, the best ones kept, and ``--resume``.
+
+What it writes, in ``RUN_DIR/checkpoints/``:
+
+* ``last.pt`` at every epoch end, and also every N training batches with
+  ``--checkpoint-every N`` (step checkpoints are per-step disk I/O: ask for them when an
+  epoch is long enough that losing one hurts). When ``fit`` stops early without an
+  error (Ctrl-C, ``learner.should_stop``, ``StopFit``), ``last.pt`` is written once
+  more at the stop point, so ``--resume`` continues exactly from there. When ``fit``
+  fails with an error, the last good ``last.pt`` is left as it is.
+* ``best.pt``: the checkpoint of the best epoch by ``--monitor`` / ``--mode`` (shared
+  with early stopping and the plateau schedule). With ``--keep-best K`` the K best
+  epochs are kept: ``best.pt`` is the best and ``best-<epoch>.pt`` the others, where
+  ``<epoch>`` is the ``epoch`` of ``metrics.jsonl`` (counted from 0). When no
+  validation data gives the default ``valid_loss``, no ``best.pt`` is written; a
+  ``--monitor`` metric that the epoch does not have is a usage error.
+* ``<name>.pt`` whenever a plugin calls the ``save_checkpoint(learner, name)`` hook
+  (the Ctrl-C plugin writes ``interrupt.pt``).
+
+Every file is written atomically (a temporary file in the same folder, flushed and
+fsynced, then renamed over the old one, then the folder fsynced), so a crash or a
+SIGKILL at any moment leaves the previous complete file, never a truncated one. Only
+the main process writes (``config.is_main_process``).
+
+A checkpoint is a dict that loads with ``torch.load(path, weights_only=True)``:
+
+=================  ==================================================================
+``format``         ``"trainloop-checkpoint"``; ``version``: the format version (1)
+``model``          ``model.state_dict()`` (of the bare model: DDP and
+                   ``torch.compile`` wrappers are taken off)
+``optimizer``      ``optimizer.state_dict()``
+``learner``        ``learner.state_dict()`` at the resume point: ``epoch``,
+                   ``iteration`` (this epoch's batches done), ``step``, ``history``
+                   and the epoch's partial train losses
+``rng``            the RNG states now: ``python``, ``numpy``, ``torch`` (CPU),
+                   ``cuda`` (one per device, when CUDA is in use) and
+                   ``data_generators`` (the ``generator`` of the DataLoader and of its
+                   sampler, when they have one)
+``epoch_rng``      the same states taken when this epoch's data iterator was created
+                   (``None`` at an epoch end): a mid-epoch resume replays the
+                   epoch's shuffle from them
+``config``         ``dataclasses.asdict(learner.config)`` with JSON types (paths are
+                   strings, tuples lists), or ``None``
+``checkpoint``     this plugin's own state (the best epochs kept, the monitor)
+``<plugin keys>``  what each plugin adds in ``on_save_checkpoint`` (``lr_scheduler``,
+                   ``early_stopping``, ``precision``, ``model_saver``, ...)
+=================  ==================================================================
+
+Resume: ``--resume PATH`` continues from that file (in the ``--out`` folder, or a new
+run folder); a bare ``--resume --out RUN_DIR`` continues the run in ``RUN_DIR`` from
+its ``checkpoints/last.pt``. The file is checked when the run starts (a missing,
+truncated, corrupt or foreign file is one usage error naming it) and restored in
+``on_fit_begin``: model, optimizer, learner state, RNG states, then every plugin's
+state through ``on_load_checkpoint``. ``fit`` then continues at the saved epoch and
+batch. A mid-epoch resume is exact: the ``iter_train_data`` hook sets the RNG states
+back to those of the epoch start, creates the epoch's iterator (same shuffle, same
+DataLoader worker seeds), fetches and drops the batches already done, and sets the RNG
+states to those saved at the stop, so on CPU with the same seed a resumed run ends
+with the same weights, bit for bit, as a run never stopped. Replaying the skipped
+batches costs their loading time. DataLoaders with ``persistent_workers=True`` keep
+worker RNG state across epochs, which no checkpoint holds: their augmentations are
+not replayed exactly.
+
+Options (group ``checkpoint``):
+
+* ``--checkpoint-every N``: also write ``last.pt`` every N training batches (default
+  0: at epoch ends only).
+* ``--keep-best K``: how many best checkpoints to keep (default 1; 0: no ``best.pt``).
+* ``--resume [PATH]``: continue from a checkpoint (see above).
+* ``--monitor METRIC``, ``--mode {auto,min,max}``: which epoch is best.
+
+Turn the plugin off with ``-p no:checkpoint``. Python API::
+
+    from trainloop.monitor import Monitor
+    from trainloop.plugins.checkpoint import Checkpoint
+
+    learn = Learner(model, train_data, valid_data, plugins=[
+        Checkpoint("runs/mine/checkpoints", every=500, monitor=Monitor("valid_accuracy"),
+                   keep_best=3, resume=None)])
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import enum
+import math
+import os
+import random
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path, PurePath
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from trainloop import Learner, RunConfig, UsageError, hookimpl
+from trainloop.monitor import Monitor, add_monitor_options
+
+FORMAT = "trainloop-checkpoint"
+VERSION = 1
+CHECKPOINT_KEY = "checkpoint"
+LAST = "last"
+BEST = "best"
+_REQUIRED_KEYS = ("model", "optimizer", "learner", "rng")
+
+
+@hookimpl
+def add_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("checkpoint")
+    group.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write checkpoints/last.pt every N training batches (default: 0, epoch ends only)",
+    )
+    group.add_argument(
+        "--keep-best",
+        type=int,
+        default=1,
+        metavar="K",
+        help="keep the K best checkpoints by --monitor: best.pt, best-<epoch>.pt (default: 1; 0: none)",
+    )
+    group.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="continue from checkpoint PATH; with no PATH, from --out's checkpoints/last.pt",
+    )
+    add_monitor_options(parser)
+
+
+@hookimpl
+def configure(config: RunConfig) -> None:
+    options = config.options
+    if options.checkpoint_every < 0:
+        raise UsageError(
+            f"--checkpoint-every {options.checkpoint_every}: give a number of batches (0: epoch ends only)"
+        )
+    if options.keep_best < 0:
+        raise UsageError(
+            f"--keep-best {options.keep_best}: give a number of checkpoints, 0 or more"
+        )
+    resume = options.resume
+    if resume is True:
+        out = getattr(options, "out", None)
+        if out is None:
+            raise UsageError(
+                "--resume without a PATH continues the run in --out: pass --out RUN_DIR "
+                "(or --resume PATH/TO/checkpoint.pt)"
+            )
+        resume = Path(out) / "checkpoints" / f"{LAST}.pt"
+    plugin = Checkpoint(
+        config.run_dir / "checkpoints",
+        every=options.checkpoint_every,
+        keep_best=options.keep_best,
+        monitor=Monitor(options.monitor, options.mode) if options.keep_best else None,
+        resume=resume,
+        write=config.is_main_process,
+    )
+    plugin.read_resume()  # a bad file fails now, before the recipe loads its data
+    config.plugin_manager.register(plugin, "checkpoint.writer")
+
+
+class Checkpoint:
+    """Writes resumable checkpoints and restores one when ``fit`` starts.
+
+    Args:
+        directory: the folder of the checkpoint files (default:
+            ``learner.run_dir / "checkpoints"``).
+        every: also write ``last.pt`` every ``every`` training batches (0: only at
+            epoch ends).
+        keep_best: how many best checkpoints to keep (``best.pt``, ``best-<epoch>.pt``).
+        monitor: which epoch is best (a :class:`~trainloop.monitor.Monitor` or a metric
+            name); ``None`` writes no ``best.pt``.
+        resume: a checkpoint file to continue from when ``fit`` starts.
+        write: whether this process writes files (``False`` on all but the main
+            process of a distributed run; it still resumes).
+    """
+
+    def __new__(cls, *args: Any, every: int = 0, **kwargs: Any) -> Checkpoint:
+        # Per-batch checkpoints need an ``on_batch_end`` hook; only the subclass has one,
+        # so that a Checkpoint without ``every`` adds nothing to the per-batch path.
+        if cls is Checkpoint and every:
+            cls = _StepCheckpoint
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        directory: str | Path | None = None,
+        *,
+        every: int = 0,
+        keep_best: int = 1,
+        monitor: Monitor | str | None = None,
+        resume: str | Path | None = None,
+        write: bool = True,
+    ) -> None:
+        if every < 0 or keep_best < 0:
+            raise ValueError(f"Checkpoint(every={every}, keep_best={keep_best}): give 0 or more")
+        self.directory = Path(directory) if directory is not None else None
+        self.every = every
+        self.keep_best = keep_best
+        self.monitor = Monitor(monitor) if isinstance(monitor, str) else monitor
+        self.resume = Path(resume) if resume is not None else None
+        self.write = write
+        self.kept: list[tuple[float, int]] = []  # (value, epoch) of the best kept, best first
+        self._resume_checkpoint: dict[str, Any] | None = None
+        self._epoch_rng: dict[str, Any] | None = None
+        self._resume_rng: dict[str, Any] | None = None
+        self._last_written: tuple[int, int, int] | None = None
+
+    # --- resume ------------------------------------------------------------------------
+
+    def read_resume(self) -> None:
+        """Read and check the ``resume`` file now (``fit`` restores it later)."""
+        if self.resume is not None and self._resume_checkpoint is None:
+            self._resume_checkpoint = read_checkpoint(self.resume)
+
+    def on_fit_begin(self, learner: Learner) -> None:
+        if self.directory is None:
+            if learner.run_dir is None:
+                raise ValueError("Checkpoint needs a directory or a learner with run_dir")
+            self.directory = Path(learner.run_dir) / "checkpoints"
+        self.kept = []
+        self._epoch_rng = self._resume_rng = None
+        self._last_written = None
+        if self.monitor is not None:
+            self.monitor.best = None
+        if self.write:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob(".*.tmp"):  # left by a process killed mid-write
+                stale.unlink(missing_ok=True)
+        if self.resume is not None:
+            self.read_resume()
+            checkpoint, self._resume_checkpoint = self._resume_checkpoint, None
+            self._restore(learner, checkpoint)
+
+    def _restore(self, learner: Learner, checkpoint: dict[str, Any]) -> None:
+        where = f"--resume {self.resume}"
+        try:
+            unwrap_model(learner.model).load_state_dict(checkpoint["model"])
+        except RuntimeError as error:
+            raise UsageError(
+                f"{where}: its weights do not fit this model ({_one_line(error)}); "
+                "resume with the recipe and options that wrote it"
+            ) from None
+        try:
+            learner.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise UsageError(
+                f"{where}: its optimizer state does not fit this optimizer ({_one_line(error)})"
+            ) from None
+        learner.load_state_dict(checkpoint["learner"])
+        self._epoch_rng = checkpoint.get("epoch_rng")
+        self._resume_rng = checkpoint["rng"]
+        set_rng_state(self._resume_rng, learner.train_data)
+        learner.hook.on_load_checkpoint(learner=learner, checkpoint=checkpoint)
+        if _same_file(self.resume, self.directory / f"{LAST}.pt"):
+            self._last_written = _resume_point(checkpoint["learner"])
+        if self.write:
+            print(
+                f"resumed from {self.resume}: epoch {learner.epoch + 1}, "
+                f"{learner.iteration} batch(es) of it done, {learner.step} in all",
+                flush=True,
+            )
+
+    @hookimpl(tryfirst=True)
+    def iter_train_data(self, learner: Learner) -> Iterator[Any] | None:
+        if learner.iteration == 0 or self._epoch_rng is None:
+            # The core creates the iterator right after this: these are the states a
+            # mid-epoch resume must start the epoch from.
+            self._epoch_rng = capture_rng_state(learner.train_data)
+            return None
+        # Resuming mid-epoch: replay the epoch's start, skip the batches done, then
+        # carry on from the RNG states of the moment the checkpoint was taken.
+        set_rng_state(self._epoch_rng, learner.train_data)
+        batches = iter(learner.train_data)
+        for done in range(learner.iteration):
+            try:
+                next(batches)
+            except StopIteration:
+                raise UsageError(
+                    f"--resume {self.resume}: it stopped after batch {learner.iteration} of an "
+                    f"epoch but the training data has only {done} batches; resume with the "
+                    "same data and batch size"
+                ) from None
+        set_rng_state(self._resume_rng or {}, learner.train_data)
+        return batches
+
+    # --- writing -----------------------------------------------------------------------
+
+    @hookimpl(wrapper=True)  # writes after every plugin's on_epoch_end (metrics, schedules)
+    def on_epoch_end(self, learner: Learner) -> Iterator[None]:
+        result = yield
+        if self.write:
+            self._write_epoch_end(learner)
+        return result
+
+    def _write_epoch_end(self, learner: Learner) -> None:
+        state = learner.state_dict()
+        state["history"] = state["history"] + [{"epoch": learner.epoch, **learner.metrics}]
+        state.update(epoch=learner.epoch + 1, iteration=0, train_losses=torch.zeros(0))
+        state["train_sizes"] = []
+        plan = self._rank(learner)
+        self._save(learner, state, LAST, epoch_rng=False)
+        if plan is not None:
+            self._apply_best(*plan, added=learner.epoch)
+
+    def on_fit_end(self, learner: Learner) -> None:
+        # A clean early stop (Ctrl-C, should_stop, StopFit) is a resume point; after an
+        # error the state may be half-updated, so the last good last.pt stays.
+        if self.write and learner.exception is None:
+            state = self._state_now(learner)
+            if _resume_point(state) != self._last_written:
+                self._save(learner, state, LAST)
+
+    @hookimpl
+    def save_checkpoint(self, learner: Learner, name: str) -> Path | None:
+        if not self.write:
+            return None
+        if not name or Path(name).name != name or name.startswith("."):
+            raise ValueError(f"save_checkpoint(name={name!r}): give a plain file name stem")
+        state = self._state_now(learner)
+        last = self._dir(learner) / f"{LAST}.pt"
+        if name != LAST and _resume_point(state) == self._last_written and last.exists():
+            path = self._dir(learner) / f"{name}.pt"
+            atomic_copy(last, path)  # the same state: a file copy, not a second serialisation
+            return path
+        return self._save(learner, state, name)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "kept_best": [[value, epoch] for value, epoch in self.kept],
+            "monitor": self.monitor.state_dict() if self.monitor is not None else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY) or {}
+        self.kept = [(float(value), int(epoch)) for value, epoch in state.get("kept_best", [])]
+        if self.monitor is not None and state.get("monitor") is not None:
+            self.monitor.load_state_dict(state["monitor"])
+
+    def _dir(self, learner: Learner) -> Path:
+        if self.directory is None:
+            if learner.run_dir is None:
+                raise ValueError("Checkpoint needs a directory or a learner with run_dir")
+            self.directory = Path(learner.run_dir) / "checkpoints"
+        return self.directory
+
+    def _state_now(self, learner: Learner) -> dict[str, Any]:
+        """The learner's state between batches, as a resume point."""
+        state = learner.state_dict()
+        history = state["history"]
+        if state["iteration"] == 0 and history and history[-1].get("epoch") == learner.epoch:
+            state["epoch"] += 1  # StopFit in on_epoch_end: the epoch is over and recorded
+        return state
+
+    def _save(
+        self, learner: Learner, state: dict[str, Any], name: str, epoch_rng: bool = True
+    ) -> Path:
+        state["history"] = [_plain(record) for record in state["history"]]
+        config = learner.config
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            config = dataclasses.asdict(config)
+        checkpoint: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": unwrap_model(learner.model).state_dict(),
+            "optimizer": learner.optimizer.state_dict(),
+            "learner": state,
+            "rng": capture_rng_state(learner.train_data),
+            "epoch_rng": self._epoch_rng if epoch_rng and state["iteration"] else None,
+            "config": json_safe(config) if config is not None else None,
+        }
+        # The NaN guard checks here (tryfirst) and raises before anything is written.
+        learner.hook.on_save_checkpoint(learner=learner, checkpoint=checkpoint)
+        path = self._dir(learner) / f"{name}.pt"
+        atomic_save(checkpoint, path)
+        if name == LAST:
+            self._last_written = _resume_point(state)
+        return path
+
+    # --- the best checkpoints ----------------------------------------------------------
+
+    def _rank(self, learner: Learner) -> tuple[list, list] | None:
+        """Place this epoch among the best; return ``(before, after)`` lists, or ``None``."""
+        if self.monitor is None or not self.keep_best:
+            return None
+        value = monitored_value(self.monitor, learner)
+        if value is None or not math.isfinite(value):
+            return None
+        improved = self.monitor.update(learner.metrics)
+        before = [entry for entry in self.kept if entry[1] != learner.epoch]
+        if improved or not before:
+            position = 0
+        else:  # not a new best (by min_delta): rank it among the others by value
+            position = 1
+            while position < len(before) and not self._better(value, before[position][0]):
+                position += 1
+        if position >= self.keep_best:
+            return None
+        after = (before[:position] + [(value, learner.epoch)] + before[position:])[: self.keep_best]
+        self.kept = after
+        return before, after
+
+    def _better(self, value: float, other: float) -> bool:
+        return value < other if self.monitor.mode == "min" else value > other
+
+    def _apply_best(
+        self, before: list[tuple[float, int]], after: list[tuple[float, int]], added: int
+    ) -> None:
+        """Copy last.pt to this epoch's best file; rename and drop the others to match."""
+        directory = self.directory
+        old = {epoch: _best_name(index, epoch) for index, (_, epoch) in enumerate(before)}
+        new = {epoch: _best_name(index, epoch) for index, (_, epoch) in enumerate(after)}
+        temporary = _copy_to_temp(directory / f"{LAST}.pt", directory)
+        try:
+            for epoch, name in old.items():  # the former best moves to best-<epoch>.pt
+                if epoch in new and new[epoch] != name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(directory / name, directory / new[epoch])
+            os.replace(temporary, directory / new[added])
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        for epoch, name in old.items():
+            if epoch not in new and name not in new.values():
+                (directory / name).unlink(missing_ok=True)
+        fsync_directory(directory)
+
+
+class _StepCheckpoint(Checkpoint):
+    """A :class:`Checkpoint` with ``every > 0``: it also writes ``last.pt`` every N batches."""
+
+    @hookimpl(trylast=True)  # after the other plugins' per-batch updates
+    def on_batch_end(self, learner: Learner) -> None:
+        if learner.training and self.write and (learner.step + 1) % self.every == 0:
+            state = learner.state_dict()
+            # The core counts this batch as done only once on_batch_end has returned.
+            state["iteration"] += 1
+            state["step"] += 1
+            self._save(learner, state, LAST)
+
+
+def _best_name(index: int, epoch: int) -> str:
+    return f"{BEST}.pt" if index == 0 else f"{BEST}-{epoch}.pt"
+
+
+def _resume_point(state: dict[str, Any]) -> tuple[int, int, int]:
+    return int(state["epoch"]), int(state["iteration"]), int(state["step"])
+
+
+def _same_file(a: Path | None, b: Path) -> bool:
+    try:
+        return a is not None and a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def monitored_value(monitor: Monitor, learner: Learner) -> float | None:
+    """The monitored value of this epoch, or ``None`` when it cannot exist.
+
+    A ``valid_*`` metric is absent when the learner has no validation data: that is
+    not an error (``best.pt`` and best-model tracking are simply off). Any other
+    absent metric is a :class:`~trainloop.UsageError` naming the metrics there are.
+    """
+    if monitor.metric not in learner.metrics and learner.valid_data is None:
+        if monitor.metric.startswith("valid_"):
+            return None
+    return monitor.value(learner.metrics)
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by this plugin (on the CPU) and check that it is one.
+
+    Raises:
+        UsageError: the file is missing, unreadable (truncated, corrupt), or not a
+            trainloop checkpoint; the message names it.
+    """
+    path = Path(path)
+    where = f"--resume {path}"
+    if not path.is_file():
+        raise UsageError(
+            f"{where}: no such file; give a checkpoint that trainloop wrote "
+            "(RUN_DIR/checkpoints/last.pt)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # zip, pickle and EOF errors all mean the same to the user
+        raise UsageError(
+            f"{where}: cannot read it ({_one_line(error)}); the file is truncated, "
+            "corrupt, or not a trainloop checkpoint"
+        ) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise UsageError(
+            f"{where}: not a trainloop checkpoint (it holds a {type(checkpoint).__name__} "
+            f"without format {FORMAT!r}); give RUN_DIR/checkpoints/last.pt of a trainloop run"
+        )
+    if int(checkpoint.get("version", 0)) > VERSION:
+        raise UsageError(
+            f"{where}: checkpoint format version {checkpoint['version']} is newer than this "
+            f"trainloop reads ({VERSION}); upgrade trainloop"
+        )
+    missing = [key for key in _REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise UsageError(f"{where}: incomplete checkpoint, without {', '.join(missing)}")
+    return checkpoint
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else type(error).__name__
+    return first if len(first) <= 200 else first[:197] + "..."
+
+
+# --- RNG states --------------------------------------------------------------------------
+
+
+def capture_rng_state(data: Any = None) -> dict[str, Any]:
+    """Every RNG state a run draws from, in types ``torch.load(weights_only=True)`` reads.
+
+    Python's ``random``, NumPy's global generator, torch's CPU generator, the CUDA
+    generators (when CUDA is in use) and the ``generator`` of ``data`` (a DataLoader)
+    and of its sampler, if they have their own.
+    """
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    generators = data_generators(data)
+    if generators:
+        state["data_generators"] = [generator.get_state() for generator in generators]
+    return state
+
+
+def set_rng_state(state: dict[str, Any], data: Any = None) -> None:
+    """Restore what :func:`capture_rng_state` returned (the parts it holds)."""
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        saved = state["numpy"]
+        keys = saved["keys"].numpy().astype(np.uint32)
+        np.random.set_state(
+            (saved["name"], keys, saved["position"], saved["has_gauss"], saved["cached_gaussian"])
+        )
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+    generators = data_generators(data)
+    saved_generators = state.get("data_generators") or []
+    if len(saved_generators) == len(generators):
+        for generator, generator_state in zip(generators, saved_generators):
+            generator.set_state(generator_state)
+
+
+def data_generators(data: Any) -> list[torch.Generator]:
+    """The distinct ``torch.Generator`` objects of a DataLoader, its sampler and batch sampler."""
+    found: list[torch.Generator] = []
+    if data is None:
+        return found
+    sampler = getattr(data, "sampler", None)
+    batch_sampler = getattr(data, "batch_sampler", None)
+    for owner in (data, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+# --- files -----------------------------------------------------------------------------
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` so that ``path`` is always a complete file.
+
+    The data goes to a temporary file in the same folder, which is flushed and fsynced
+    and then renamed over ``path`` (``os.replace`` is atomic); the folder is fsynced
+    last so that the rename survives a power cut. If anything fails, ``path`` keeps
+    its previous content and the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary, file = _open_temp(path.name, path.parent)
+    try:
+        with file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def atomic_copy(source: str | Path, destination: str | Path) -> None:
+    """Copy ``source`` to ``destination`` with the same guarantee as :func:`atomic_save`."""
+    destination = Path(destination)
+    temporary = _copy_to_temp(Path(source), destination.parent)
+    try:
+        os.replace(temporary, destination)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    fsync_directory(destination.parent)
+
+
+def _copy_to_temp(source: Path, directory: Path) -> Path:
+    temporary, file = _open_temp(source.name, directory)
+    try:
+        with file, open(source, "rb") as original:
+            shutil.copyfileobj(original, file, 1 << 20)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def _open_temp(name: str, directory: Path) -> tuple[Path, BinaryIO]:
+    """A new hidden ``.<name>.<random>.tmp`` in ``directory``, open for writing.
+
+    Not ``tempfile.mkstemp``: its files are private (mode 0600), these get the
+    permissions of the user's umask like any other file of the run.
+    """
+    while True:
+        temporary = directory / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return temporary, open(temporary, "xb")
+        except FileExistsError:
+            continue
+
+
+def fsync_directory(directory: str | Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX; a no-op elsewhere)."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# --- values ----------------------------------------------------------------------------
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DataParallel, DistributedDataParallel and ``torch.compile``."""
+    while True:
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with JSON types only: paths become strings, tuples and sets lists, NumPy
+    and one-element tensor scalars numbers, anything else its ``str()``."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return json_safe(value.value)
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return str(value)
+
+
+def _plain(record: dict[str, Any]) -> dict[str, Any]:
+    """A history record whose NumPy scalars are Python numbers (weights_only loads them)."""
+    return {
+        key: value.item() if isinstance(value, np.generic) else value
+        for key, value in record.items()
+    }

@@ -1,0 +1,253 @@
+"""model_saver: the trained model in ``model.pt`` in the run folder, with what rebuilds it.
+
+At the end of ``fit`` it writes ``RUN_DIR/model.pt``, a dict that loads with
+``torch.load(path, weights_only=True)``:
+
+==============  =====================================================================
+``model``       the weights (``state_dict()`` of the bare model, on the CPU): those
+                of the best epoch by ``--monitor`` / ``--mode``, or the final ones
+                when there is no monitored metric (no validation data for the
+                default ``valid_loss``)
+``config``      ``dataclasses.asdict`` of the recipe's ``Config``, with JSON types
+                (paths are strings, tuples lists), or ``None``
+``recipe``      the recipe file the run used, or ``None``
+``metrics``     the metrics of the epoch those weights come from (``epoch`` counted
+                from 0, as in ``metrics.jsonl``), or ``{}`` if no epoch finished
+``format``      ``"trainloop-model"``; ``version``: 1
+==============  =====================================================================
+
+The best weights are kept as a CPU copy in memory, taken at each epoch end where the
+monitored metric improves (one device-to-host copy per improvement, nothing per
+batch). They travel in checkpoints under ``model_saver`` (only when they differ from
+the checkpoint's own ``model``), so a resumed run still saves the best epoch of the
+whole run.
+
+When it writes: when ``fit`` ends normally or is stopped cleanly (early stopping,
+Ctrl-C once). After a second Ctrl-C (``KeyboardInterrupt`` mid-batch) it writes only
+the best weights, which are a clean copy from an epoch end, and nothing if there are
+none (the live weights may be half-way through an optimizer step). After any other
+error (a non-finite loss, a crash) it writes nothing: those weights are not to be
+trusted, and the last checkpoints still hold the last good state. The write is atomic
+(temporary file, fsync, rename).
+
+Rebuild the model elsewhere::
+
+    import torch
+    from trainloop.plugins.model_saver import rebuild
+
+    learner = rebuild("runs/mnist_mlp/20250101-120000/model.pt")  # imports the recipe,
+    learner.model.eval()                                            # builds, loads weights
+
+or by hand::
+
+    saved = torch.load("model.pt", weights_only=True)
+    recipe = trainloop.recipe.load_recipe(saved["recipe"])
+    cfg = config_from_dict(recipe.Config, saved["config"])   # or recipe.Config(**saved["config"])
+    learner = recipe.build(cfg)
+    learner.model.load_state_dict(saved["model"])
+
+``build`` loads the recipe's data too (MNIST needs its ``--data-dir``); to avoid that,
+construct the model class of the recipe yourself and load ``saved["model"]`` into it.
+
+Options (group ``model_saver``): ``--no-save-model`` turns it off; ``--monitor`` and
+``--mode`` (shared with the checkpoint and early stopping plugins) choose the best
+epoch. Python API::
+
+    from trainloop.monitor import Monitor
+    from trainloop.plugins.model_saver import ModelSaver
+
+    Learner(..., plugins=[ModelSaver("out/model.pt", monitor=Monitor("valid_accuracy"))])
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+from trainloop.plugins.checkpoint import atomic_save, json_safe, monitored_value, unwrap_model
+
+from trainloop import Learner, RunConfig, hookimpl
+from trainloop.monitor import Monitor, add_monitor_options
+
+FORMAT = "trainloop-model"
+VERSION = 1
+FILE_NAME = "model.pt"
+CHECKPOINT_KEY = "model_saver"
+
+
+@hookimpl
+def add_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model_saver")
+    group.add_argument(
+        "--save-model",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write model.pt (the best epoch's weights by --monitor) at the end (default: on)",
+    )
+    add_monitor_options(parser)
+
+
+@hookimpl
+def configure(config: RunConfig) -> None:
+    options = config.options
+    if options.save_model:
+        plugin = ModelSaver(
+            config.run_dir / FILE_NAME,
+            monitor=Monitor(options.monitor, options.mode),
+            recipe=str(config.recipe_path),
+            write=config.is_main_process,
+        )
+        config.plugin_manager.register(plugin, "model_saver.writer")
+
+
+class ModelSaver:
+    """Writes the trained (best) weights and the config that rebuilds them at ``fit`` end.
+
+    Args:
+        path: the file (default: ``learner.run_dir / "model.pt"``).
+        monitor: which epoch is best (a :class:`~trainloop.monitor.Monitor` or a metric
+            name); ``None`` saves the final weights.
+        recipe: the recipe path or name to record, for :func:`rebuild`.
+        write: whether this process writes (``False`` on all but the main process).
+
+    Attributes:
+        best_metrics: the metrics of the best epoch so far (with ``epoch``), or ``None``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        monitor: Monitor | str | None = None,
+        recipe: str | None = None,
+        write: bool = True,
+    ) -> None:
+        self.path = Path(path) if path is not None else None
+        self.monitor = Monitor(monitor) if isinstance(monitor, str) else monitor
+        self.recipe = recipe
+        self.write = write
+        self.best_metrics: dict[str, Any] | None = None
+        self._best_weights: dict[str, torch.Tensor] | None = None
+        self._best_step: int | None = None
+
+    @hookimpl(tryfirst=True)  # reset before the checkpoint plugin restores the state
+    def on_fit_begin(self, learner: Learner) -> None:
+        if self.path is None:
+            if learner.run_dir is None:
+                raise ValueError("ModelSaver needs a path or a learner with run_dir")
+            self.path = Path(learner.run_dir) / FILE_NAME
+        self.best_metrics = self._best_weights = self._best_step = None
+        if self.monitor is not None:
+            self.monitor.best = None
+
+    @hookimpl(trylast=True)  # after every plugin has added its metrics
+    def on_epoch_end(self, learner: Learner) -> None:
+        if self.monitor is None or monitored_value(self.monitor, learner) is None:
+            return
+        if self.monitor.update(learner.metrics):
+            self._best_weights = _cpu_copy(unwrap_model(learner.model).state_dict())
+            self.best_metrics = {"epoch": learner.epoch, **learner.metrics}
+            self._best_step = learner.step
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        step = checkpoint.get("learner", {}).get("step")
+        same_as_model = self._best_step is not None and step == self._best_step
+        checkpoint[CHECKPOINT_KEY] = {
+            "monitor": self.monitor.state_dict() if self.monitor is not None else None,
+            "metrics": json_safe(self.best_metrics),
+            "step": self._best_step,
+            # None: the checkpoint's own "model" is the best (saves writing it twice)
+            "model": None if same_as_model else self._best_weights,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            return
+        if self.monitor is not None and state["monitor"] is not None:
+            self.monitor.load_state_dict(state["monitor"])
+        self.best_metrics = state["metrics"]
+        self._best_step = state["step"]
+        weights = state["model"]
+        if weights is None and self.best_metrics is not None:
+            weights = checkpoint["model"]
+        self._best_weights = weights
+
+    def on_fit_end(self, learner: Learner) -> None:
+        error = learner.exception
+        if not self.write or not (error is None or isinstance(error, KeyboardInterrupt)):
+            return
+        if self._best_weights is not None:
+            weights, metrics = self._best_weights, self.best_metrics or {}
+        elif error is not None:
+            return  # stopped mid-batch: the live weights may be half-way through a step
+        else:
+            weights = _cpu_copy(unwrap_model(learner.model).state_dict())
+            metrics = learner.history[-1] if learner.history else {}
+        config = learner.config
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            config = dataclasses.asdict(config)
+        saved = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": weights,
+            "config": json_safe(config) if config is not None else None,
+            "recipe": self.recipe,
+            "metrics": json_safe(metrics),
+        }
+        atomic_save(saved, self.path)
+
+
+def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
+
+
+def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
+    """Build ``config_class`` from the JSON values saved in ``model.pt``.
+
+    Turns strings back into ``Path`` and lists back into tuples where the field's type
+    says so; unknown keys are an error, missing ones take their defaults.
+    """
+    hints = typing.get_type_hints(config_class)
+    known = {field.name for field in dataclasses.fields(config_class) if field.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{config_class.__name__} has no field(s) {', '.join(unknown)}")
+    return config_class(**{name: _convert(hints[name], value) for name, value in values.items()})
+
+
+def _convert(kind: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        inner = [argument for argument in typing.get_args(kind) if argument is not type(None)]
+        return _convert(inner[0], value) if len(inner) == 1 else value
+    if kind is Path:
+        return Path(value)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def rebuild(path: str | Path, recipe: str | Path | None = None) -> Learner:
+    """The recipe's Learner with the weights of ``model.pt`` at ``path`` loaded.
+
+    Imports ``recipe`` (default: the one recorded in the file), rebuilds its
+    ``Config`` from the saved values and calls ``build(cfg)`` (which loads the recipe's
+    data), then loads the weights into ``learner.model``.
+    """
+    from trainloop.recipe import load_recipe
+
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    recipe = recipe if recipe is not None else saved.get("recipe")
+    if recipe is None:
+        raise ValueError(f"{path} records no recipe: pass rebuild(path, recipe=...)")
+    module = load_recipe(recipe)
+    learner = module.build(config_from_dict(module.Config, saved.get("config") or {}))
+    unwrap_model(learner.model).load_state_dict(saved["model"])
+    return learner
