@@ -14,8 +14,9 @@
   the ``channels_last`` memory format, which is faster for convolutions on recent GPUs,
   above all under mixed precision.
 * ``--compile`` runs the forward pass through ``torch.compile(model)``. ``learner.model``
-  stays the original module, so checkpoints keep their plain keys. When this platform
-  cannot compile, one line says so and training goes on without it.
+  stays the original module, so checkpoints keep their plain keys. Under the
+  distributed plugin DDP wraps the compiled model. When this platform cannot compile,
+  one line says so and training goes on without it.
 
 On the CPU with none of these options the plugin registers nothing, so batches take
 the core's direct path: no per-batch hook at all.
@@ -226,16 +227,16 @@ class Device:
 
 
 class Compile:
-    """Runs the training and validation forward pass through ``torch.compile``.
+    """Runs the forward pass through ``torch.compile(learner.model)``.
 
-    ``learner.model`` stays the original module (clean checkpoint keys); the compiled
-    wrapper is called by this plugin's ``forward`` step. When a plugin wraps the model
-    for the training forward pass and exposes the wrapper as ``forward_module`` (the
-    distributed plugin's DistributedDataParallel), that wrapper is compiled instead and
-    used for training batches only; validation and prediction then run eagerly (a
-    process may have fewer validation batches than the others, and DDP's forward can
-    wait for them). If this platform cannot compile, one line on stderr says why and
-    the plain forward pass is used from then on.
+    ``learner.model`` stays the original module (clean checkpoint keys); this plugin's
+    ``forward`` step calls the compiled one. Under the distributed plugin, DDP wraps the
+    compiled model (``DDP(torch.compile(model))``, the order torch compiles) through
+    :meth:`compile_for_wrapper`, and training batches go through DDP.
+
+    If this platform cannot compile, one line on stderr says why and the plain forward
+    pass is used from then on. Only the first compiled calls are guarded: once one has
+    succeeded, an error is the model's own and is raised.
 
     Args:
         **options: passed to ``torch.compile`` (``mode="max-autotune"``,
@@ -246,11 +247,11 @@ class Compile:
         self.options = options
         self.compiled: Any = None
         self.failed: str | None = None  # why compiling failed, once it has
+        self.wrapped = False  # a wrapper (DDP) runs the compiled model for training
         self._proven = False  # a compiled call has succeeded: errors are the model's own
         self._source: torch.nn.Module | None = None
-        self._training_only = False
 
-    @hookimpl(tryfirst=True)  # a plain one, so after the model is placed and wrapped
+    @hookimpl(tryfirst=True)  # a plain one, so after the device plugin placed the model
     def on_fit_begin(self, learner: Learner) -> None:
         self.prepare(learner)
 
@@ -258,31 +259,55 @@ class Compile:
         self.prepare(learner)
 
     def prepare(self, learner: Learner) -> None:
-        """Compile the module that runs the forward pass (once per module)."""
-        module = _forward_module(learner)
-        if self.failed is not None or module is self._source:
+        """Compile ``learner.model`` (once per model; torch compiles at the first call)."""
+        if self.failed is not None or learner.model is self._source:
             return
         import torch._dynamo
 
         if not torch._dynamo.is_dynamo_supported():
             self._give_up("torch.compile is not supported on this platform")
             return
-        self._source = module
-        self._training_only = module is not learner.model
+        self._source = learner.model
         self._proven = False
-        self.compiled = torch.compile(module, **self.options)
+        self.compiled = torch.compile(learner.model, **self.options)
 
-    @hookimpl(tryfirst=True)  # before the distributed plugin's forward, whose module it wraps
+    def compile_for_wrapper(self, learner: Learner) -> torch.nn.Module:
+        """The module a wrapper such as DDP should wrap: the compiled model if any.
+
+        The wrapper's owner then runs training batches (guarding the first calls with
+        :meth:`fall_back`); this plugin runs validation and prediction.
+        """
+        self.prepare(learner)
+        self.wrapped = self.compiled is not None
+        return self.compiled if self.compiled is not None else learner.model
+
+    def fall_back(self, error: BaseException) -> bool:
+        """A compiled call raised ``error``: return whether to go on without compiling.
+
+        ``True`` (after one line on stderr) until a compiled call has succeeded;
+        ``False`` after, when the error is the model's own.
+        """
+        if self._proven:
+            return False
+        self._give_up(_first_cause(error))
+        return True
+
+    def succeeded(self) -> None:
+        """A compiled call has succeeded: later errors are the model's own."""
+        self._proven = True
+
+    @hookimpl(tryfirst=True)  # before the core's forward step
     def forward(self, learner: Learner, batch: Any) -> Any:
-        if self.compiled is None or (self._training_only and not learner.training):
+        if self.compiled is None or (self.wrapped and learner.training):
             return None  # the next forward step (the core's, or DDP's) runs
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
         if self._proven:
             return self.compiled(inputs)
         try:
             pred = self.compiled(inputs)
-        except Exception as error:  # noqa: BLE001 - any failure to compile means: run eagerly
-            self._give_up(_first_cause(error))
+        except Exception as error:
+            if not self.fall_back(error):
+                raise
             return None
         self._proven = True
         return pred
@@ -290,6 +315,7 @@ class Compile:
     def _give_up(self, reason: str) -> None:
         self.failed = reason
         self.compiled = None
+        self.wrapped = False
         print(
             f"trainloop: --compile: cannot compile here ({reason}); running without torch.compile",
             file=sys.stderr,
@@ -303,11 +329,3 @@ def _first_cause(error: BaseException) -> str:
         error = cause  # torch._dynamo's BackendCompilerFailed keeps it as inner_exception
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
-
-
-def _forward_module(learner: Learner) -> torch.nn.Module:
-    for plugin in learner.plugin_manager.get_plugins():
-        wrapper = getattr(plugin, "forward_module", None)
-        if isinstance(wrapper, torch.nn.Module):
-            return wrapper
-    return learner.model

@@ -3,8 +3,8 @@
 Active when the process was started by ``torchrun`` (``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK`` are set); otherwise it registers nothing. ``trainloop run RECIPE
 --nproc-per-node N ...`` is a shortcut: it runs the same command line again under
-``python -m torch.distributed.run --standalone --nproc-per-node N``, with ``--out``
-fixed so that every process writes to one folder, and exits with its status.
+``python -m torch.distributed.run --standalone --nproc-per-node N`` and exits with its
+status.
 
 What it does in each process:
 
@@ -52,6 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
+from trainloop.plugins.device import Compile
 
 from trainloop import Learner, RunConfig, UsageError, hookimpl
 from trainloop.data.tensors import TensorBatches
@@ -97,7 +98,7 @@ def configure(config: RunConfig) -> None:
     options = config.options
     if not launched():
         if options.nproc_per_node is not None:
-            raise SystemExit(hand_off_to_torchrun(options, config.run_dir))
+            raise SystemExit(hand_off_to_torchrun(options))
         return
     device = local_device(getattr(options, "device", "auto"))
     if hasattr(options, "device"):
@@ -176,24 +177,21 @@ def _new_run_dir(recipe_path: Path) -> Path:
 # --- the --nproc-per-node shortcut -----------------------------------------------------
 
 
-def torchrun_command(argv: list[str], nproc_per_node: int, run_dir: Path) -> list[str]:
+def torchrun_command(argv: list[str], nproc_per_node: int) -> list[str]:
     """The command that runs ``trainloop ARGV`` under torchrun on ``nproc_per_node`` processes.
 
-    ``--nproc-per-node`` and ``--out`` are taken out of ``argv`` and ``--out run_dir`` is
-    added, so that every process writes into the same folder.
+    ``--nproc-per-node`` is taken out of ``argv``, so that the processes do not launch
+    again; they agree on the run folder through :func:`make_run_dir` (or ``--out``).
     """
     kept: list[str] = []
     skip_value = False
     for argument in argv:
         if skip_value:
             skip_value = False
-            continue
-        if argument in ("--nproc-per-node", "--out"):
+        elif argument == "--nproc-per-node":
             skip_value = True
-            continue
-        if argument.startswith(("--nproc-per-node=", "--out=")):
-            continue
-        kept.append(argument)
+        elif not argument.startswith("--nproc-per-node="):
+            kept.append(argument)
     return [
         sys.executable,
         "-m",
@@ -203,12 +201,10 @@ def torchrun_command(argv: list[str], nproc_per_node: int, run_dir: Path) -> lis
         "-m",
         "trainloop",
         *kept,
-        "--out",
-        str(run_dir),
     ]
 
 
-def hand_off_to_torchrun(options: argparse.Namespace, run_dir: Path) -> int:
+def hand_off_to_torchrun(options: argparse.Namespace) -> int:
     """Run this process's command line again under torchrun; return torchrun's exit status."""
     count = options.nproc_per_node
     if count < 1:
@@ -227,8 +223,8 @@ def hand_off_to_torchrun(options: argparse.Namespace, run_dir: Path) -> int:
             "--nproc-per-node works from the command line (trainloop run ...); "
             "in Python, start your script with torchrun"
         )
-    command = torchrun_command(argv, count, run_dir)
-    print(f"trainloop: {count} processes with torchrun, run folder {run_dir}", flush=True)
+    command = torchrun_command(argv, count)
+    print(f"trainloop: starting {count} processes: python {' '.join(command[1:])}", flush=True)
     process = subprocess.Popen(command)
     try:
         return process.wait()
@@ -411,8 +407,9 @@ class Distributed:
         find_unused_parameters: passed to DistributedDataParallel.
 
     Attributes:
-        forward_module: the DDP wrapper while ``fit`` runs (the compile plugin compiles
-            it), else ``None``.
+        forward_module: the DDP wrapper while ``fit`` runs, else ``None``. With the
+            compile plugin it wraps the compiled model; if compiling fails at the first
+            training batch, it is rebuilt around the plain model.
     """
 
     def __init__(
@@ -428,6 +425,7 @@ class Distributed:
         self.find_unused_parameters = find_unused_parameters
         self.forward_module: torch.nn.parallel.DistributedDataParallel | None = None
         self._owns_group = False
+        self._compile: Compile | None = None  # the compile plugin, until a compiled call worked
         self._original_data: tuple[Any, Any] | None = None  # while fit runs
 
     @hookimpl(wrapper=True)  # after the device plugin's (tryfirst), before a resume
@@ -435,18 +433,31 @@ class Distributed:
         self._owns_group = init_process_group(self.backend, self.device) or self._owns_group
         rank, world_size = dist.get_rank(), dist.get_world_size()
         learner.model.to(self.device)  # a no-op when the device plugin placed it
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        # DDP copies rank 0's parameters and buffers to every process here.
-        self.forward_module = torch.nn.parallel.DistributedDataParallel(
-            learner.model,
-            device_ids=device_ids,
-            find_unused_parameters=self.find_unused_parameters,
+        self._compile = next(
+            (
+                plugin
+                for plugin in learner.plugin_manager.get_plugins()
+                if isinstance(plugin, Compile)
+            ),
+            None,
         )
+        if self._compile is not None:
+            self.forward_module = self._wrap(self._compile.compile_for_wrapper(learner))
+        else:
+            self.forward_module = self._wrap(learner.model)
         self._original_data = (learner.train_data, learner.valid_data)
         learner.train_data = shard_train_data(learner.train_data, rank, world_size, self.seed)
         if learner.valid_data is not None:
             learner.valid_data = shard_valid_data(learner.valid_data, rank, world_size)
         return (yield)
+
+    def _wrap(self, module: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:
+        # DDP copies rank 0's parameters and buffers to every process here.
+        return torch.nn.parallel.DistributedDataParallel(
+            module,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.find_unused_parameters,
+        )
 
     def on_epoch_begin(self, learner: Learner) -> None:
         data = learner.train_data
@@ -462,7 +473,20 @@ class Distributed:
         # fewer than another, and DDP's forward may wait on the others.
         if self.forward_module is None or not learner.training:
             return None
-        return self.forward_module(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if self._compile is None:
+            return self.forward_module(inputs)
+        try:  # the first calls of a compiled model: fall back if it cannot compile
+            pred = self.forward_module(inputs)
+        except Exception as error:
+            if not self._compile.fall_back(error):
+                raise
+            self._compile = None
+            self.forward_module = self._wrap(learner.model)
+            return self.forward_module(inputs)
+        self._compile.succeeded()
+        self._compile = None
+        return pred
 
     @hookimpl
     def reduce_tensor(self, tensor: torch.Tensor) -> torch.Tensor | None:
