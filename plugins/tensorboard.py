@@ -129,6 +129,8 @@ class TensorBoardLogger:
     ) -> None:
         if every < 0 or images < 0:
             raise ValueError(f"TensorBoardLogger(every={every}, images={images}): use 0 or more")
+        if hparams is not None:
+            flat_hparams(hparams)  # a TypeError now rather than at the end of fit
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.every = every
         self.images = images
@@ -224,9 +226,10 @@ class TensorBoardLogger:
     # --- hyperparameters ---------------------------------------------------------------
 
     def _write_hparams(self, learner: Learner) -> None:
-        hparams = flat_hparams(self.hparams if self.hparams is not None else learner.config)
-        if not hparams or not learner.history:
+        config = self.hparams if self.hparams is not None else learner.config
+        if not learner.history or not _is_config(config):
             return
+        hparams = flat_hparams(config)
         hparams.setdefault("epochs", learner.epochs)
         final = {
             key: number
@@ -292,15 +295,20 @@ def flat_hparams(config: Any, prefix: str = "") -> dict[str, bool | int | float 
     flat: dict[str, bool | int | float | str] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) or (
-            dataclasses.is_dataclass(value) and not isinstance(value, type)
-        ):
+        if _is_config(value):
             flat.update(flat_hparams(value, prefix=f"{name}."))
         elif isinstance(value, (bool, int, float, str)):
             flat[name] = value
         else:
             flat[name] = str(value)
     return flat
+
+
+def _is_config(value: Any) -> bool:
+    """Whether :func:`flat_hparams` can flatten ``value``: a dict or a dataclass instance."""
+    return isinstance(value, dict) or (
+        dataclasses.is_dataclass(value) and not isinstance(value, type)
+    )
 
 
 def _number(value: Any) -> float | None:
