@@ -6,6 +6,7 @@ import argparse
 import collections
 import dataclasses
 import functools
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,13 @@ def test_compile_that_fails_says_so_in_one_line_once_and_training_goes_on(capsys
     assert plugin.failed is not None and plugin.compiled is None
     assert len(history) == 2
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA is present: the check would run")
+def test_the_gpu_check_says_in_one_line_that_it_needs_cuda_and_exits_0(capsys):
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("gpu_check: needs an NVIDIA GPU with CUDA")
