@@ -543,6 +543,9 @@ def test_mkdocs_build_strict_passes(tmp_path):
 
     for name in trainloop.__all__:
         assert f'id="trainloop.{name}"' in api_page, f"{name} is not on the API page"
+    for page in (hooks_page, api_page):  # Sphinx roles became links (docs/_ext)
+        assert not re.search(r":(class|func|meth|exc|attr):", page)
+    assert 'doc-label-firstresult"><code>firstresult' in hooks_page
 
 
 def _has_module(name: str) -> bool:

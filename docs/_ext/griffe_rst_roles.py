@@ -20,6 +20,11 @@ _ROLE = re.compile(r":(?:class|func|meth|attr|mod|exc|data|obj):`(~?)([\w.]+)`")
 class RstRoles(griffe.Extension):
     """Rewrite Sphinx roles and ``::`` literal-block markers in every docstring."""
 
+    def on_package(self, *, pkg: griffe.Module, **kwargs: object) -> None:
+        # on_object does not see a top-level package itself
+        if pkg.docstring is not None:
+            pkg.docstring.value = convert(pkg.docstring.value, pkg)
+
     def on_object(self, *, obj: griffe.Object, **kwargs: object) -> None:
         if obj.docstring is not None:
             obj.docstring.value = convert(obj.docstring.value, obj)
@@ -31,10 +36,10 @@ class RstRoles(griffe.Extension):
 
 def convert(text: str, obj: griffe.Object) -> str:
     def link(match: re.Match) -> str:
-        short, target = match.group(1), match.group(2)
-        if "." not in target:  # a name in this class or module, as Sphinx resolves it
-            target = _resolve(target, obj)
-        label = target.rsplit(".", 1)[-1] if short else target
+        short, written = match.group(1), match.group(2)
+        # as Sphinx shows it: the name as written, or its last part after "~"
+        label = written.rsplit(".", 1)[-1] if short else written
+        target = written if "." in written else _resolve(written, obj)
         return f"[`{label}`][{target}]"
 
     text = _ROLE.sub(link, text)
