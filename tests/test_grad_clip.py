@@ -12,7 +12,7 @@ from trainloop.plugins import grad_clip
 from trainloop.plugins.grad_accumulation import GradAccumulation
 from trainloop.plugins.grad_clip import GradClip
 
-from trainloop import PluginManager, RunConfig, hookimpl
+from trainloop import PluginManager, RunConfig, UsageError, hookimpl
 from trainloop.cli import main
 
 
@@ -129,3 +129,18 @@ def test_a_non_positive_clip_is_a_usage_error_on_the_command_line(tmp_path, caps
     status = main(["run", str(recipe), "--out", str(tmp_path / "run"), "--clip-grad-norm", "-1"])
     assert status == 2
     assert "--clip-grad-norm -1.0: give a positive number" in capsys.readouterr().err
+
+
+def test_with_fp16_amp_the_clip_sees_unscaled_gradients():
+    from trainloop.plugins.precision import Precision
+
+    try:
+        amp = Precision("16-mixed")
+    except UsageError as error:
+        pytest.skip(f"no float16 autocast here: {error}")
+    after = GradientSpy()
+    learner = make_learner(plugins=[amp, GradClip(max_norm=0.01), after])
+    learner.fit(1)
+    # the scaler multiplies the loss by 2**16: clipping those gradients to 0.01 and then
+    # unscaling would leave norms near 1.5e-7, not 0.01
+    assert after.norms == pytest.approx([0.01] * 4, rel=1e-3)
