@@ -263,10 +263,13 @@ class Checkpoint:
         learner.hook.on_load_checkpoint(learner=learner, checkpoint=checkpoint)
         if _same_file(self.resume, self.directory / f"{LAST}.pt"):
             self._last_written = _resume_point(checkpoint["learner"])
-        if self.write:
+        if self.write:  # epochs and batches counted from 1, as the progress bar does
+            where = (
+                f"after its batch {learner.iteration}" if learner.iteration else "from its start"
+            )
             print(
-                f"resumed from {self.resume}: epoch {learner.epoch + 1}, "
-                f"{learner.iteration} batch(es) of it done, {learner.step} in all",
+                f"resumed from {self.resume}: epoch {learner.epoch + 1} {where}, "
+                f"{learner.step} steps done",
                 flush=True,
             )
 

@@ -69,10 +69,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from trainloop.plugins.checkpoint import atomic_save, json_safe, monitored_value, unwrap_model
 
 from trainloop import Learner, RunConfig, hookimpl
 from trainloop.monitor import Monitor, add_monitor_options
+from trainloop.plugins.checkpoint import atomic_save, json_safe, monitored_value, unwrap_model
 
 FORMAT = "trainloop-model"
 VERSION = 1

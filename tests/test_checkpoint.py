@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_data, make_learner
+
+from trainloop import Learner, UsageError, cli
+from trainloop.monitor import Monitor
 from trainloop.plugins import checkpoint as checkpoint_module
 from trainloop.plugins.checkpoint import (
     Checkpoint,
@@ -19,9 +22,6 @@ from trainloop.plugins.checkpoint import (
     read_checkpoint,
     set_rng_state,
 )
-
-from trainloop import Learner, UsageError, cli
-from trainloop.monitor import Monitor
 
 BATCHES = len(make_data())  # 4 batches of 16 out of 50 samples
 
