@@ -375,7 +375,11 @@ class Learner:
         self.iteration = int(state["iteration"])
         self.step = int(state["step"])
         self.history = list(state["history"])
-        self._train_losses = list(zip(state["train_losses"], state["train_sizes"]))
+        # Beside the losses still to come, which are computed where the model is: the
+        # epoch end stacks them all (a checkpoint holds them on the CPU).
+        device = next(self.model.parameters(), torch.empty(0)).device
+        losses = state["train_losses"].to(device)
+        self._train_losses = list(zip(losses, state["train_sizes"]))
 
     # --- errors ------------------------------------------------------------------------
 
