@@ -111,7 +111,8 @@ def configure(config: RunConfig) -> None:
 
 @hookimpl
 def unconfigure() -> None:
-    destroy_process_group()
+    if launched():
+        destroy_process_group()
 
 
 # --- processes and devices -------------------------------------------------------------
