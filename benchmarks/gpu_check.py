@@ -38,13 +38,13 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler
-from trainloop.plugins.device import Compile, Device
-from trainloop.plugins.precision import Precision
 
 from trainloop import Learner, batch_size
 from trainloop.data.carvana import CarvanaDataset, ensure_data
 from trainloop.models.segmentation import bce_dice_loss
 from trainloop.models.unet import UNet
+from trainloop.plugins.device import Compile, Device
+from trainloop.plugins.precision import Precision
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
-from trainloop.plugins.device import Compile
 
 from trainloop import Learner, RunConfig, UsageError, hookimpl
 from trainloop.data.tensors import TensorBatches
+from trainloop.plugins.device import Compile
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -105,7 +105,7 @@ def configure(config: RunConfig) -> None:
         options.device = str(device)  # the device plugin places the model there
     init_process_group(options.dist_backend, device)
     config.is_main_process = dist.get_rank() == 0
-    plugin = Distributed(device=device, seed=options.seed)
+    plugin = Distributed(device=device, backend=options.dist_backend, seed=options.seed)
     config.plugin_manager.register(plugin, "distributed.ddp")
 
 

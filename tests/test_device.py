@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_learner
-from trainloop.plugins import device as device_plugin
-from trainloop.plugins.device import Compile, Device, move_batch, pin_memory_default, resolve_device
 
 from trainloop import Learner, PluginManager, RunConfig, UsageError
 from trainloop.cli import main
+from trainloop.plugins import device as device_plugin
+from trainloop.plugins.device import Compile, Device, move_batch, pin_memory_default, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()

@@ -16,6 +16,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import run_cli
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from trainloop import Learner, PluginManager, RunConfig, UsageError
+from trainloop.cli import main
+from trainloop.data.mnist import load_mnist, write_idx_files
+from trainloop.data.tensors import TensorBatches
 from trainloop.plugins import distributed
 from trainloop.plugins.checkpoint import Checkpoint
 from trainloop.plugins.device import Compile
@@ -26,11 +31,6 @@ from trainloop.plugins.distributed import (
     shard_valid_data,
     torchrun_command,
 )
-
-from trainloop import Learner, PluginManager, RunConfig, UsageError
-from trainloop.cli import main
-from trainloop.data.mnist import load_mnist, write_idx_files
-from trainloop.data.tensors import TensorBatches
 from trainloop.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
