@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from trainloop import cli
@@ -232,6 +233,10 @@ def run_page(path: Path, workdir: Path, monkeypatch) -> PageRun:
     monkeypatch.chdir(workdir)
     monkeypatch.setenv(cli.DISABLE_AUTOLOAD, "1")  # installed third-party plugins stay out
     modules_before = set(sys.modules)
+    threads = torch.get_num_threads()
+    # The pages' tensors are tiny: threads gain nothing on them, and on a machine whose
+    # cores are busy with other work they make each small operation wait (5x slower).
+    torch.set_num_threads(1)
     namespace: dict = {"__name__": "__main__"}
     result = PageRun(workdir, namespace, [], [])
     outputs: dict[int, str] = {}
@@ -271,6 +276,7 @@ def run_page(path: Path, workdir: Path, monkeypatch) -> PageRun:
     except Skipped as reason:
         result.skipped = str(reason)
     finally:
+        torch.set_num_threads(threads)
         for name in set(sys.modules) - modules_before:  # plugin modules written by the page
             module_file = getattr(sys.modules[name], "__file__", None) or ""
             if module_file.startswith(str(workdir)):
