@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import enum
 import math
@@ -177,9 +178,11 @@ class Checkpoint:
         every: also write ``last.pt`` every ``every`` training batches (0: only at
             epoch ends).
         keep_best: how many best checkpoints to keep (``best.pt``, ``best-<epoch>.pt``).
-        monitor: which epoch is best (a :class:`~trainloop.monitor.Monitor` or a metric
-            name); ``None`` writes no ``best.pt``.
-        resume: a checkpoint file to continue from when ``fit`` starts.
+        monitor: which epoch is best (a :class:`~trainloop.monitor.Monitor`, of which
+            the plugin keeps its own copy, or a metric name); ``None`` writes no
+            ``best.pt``.
+        resume: a checkpoint file to continue from when ``fit`` starts (the first
+            ``fit`` only; ``resumed_from`` says which file was used).
         write: whether this process writes files (``False`` on all but the main
             process of a distributed run; it still resumes).
     """
@@ -206,8 +209,10 @@ class Checkpoint:
         self.directory = Path(directory) if directory is not None else None
         self.every = every
         self.keep_best = keep_best
-        self.monitor = Monitor(monitor) if isinstance(monitor, str) else monitor
+        # A copy: a Monitor shared with another plugin would see each value twice.
+        self.monitor = Monitor(monitor) if isinstance(monitor, str) else copy.copy(monitor)
         self.resume = Path(resume) if resume is not None else None
+        self.resumed_from: Path | None = None
         self.write = write
         self.kept: list[tuple[float, int]] = []  # (value, epoch) of the best kept, best first
         self._resume_checkpoint: dict[str, Any] | None = None
@@ -236,10 +241,11 @@ class Checkpoint:
             self.directory.mkdir(parents=True, exist_ok=True)
             for stale in self.directory.glob(".*.tmp"):  # left by a process killed mid-write
                 stale.unlink(missing_ok=True)
-        if self.resume is not None:
+        if self.resume is not None:  # the first fit only: a later fit starts afresh
             self.read_resume()
             checkpoint, self._resume_checkpoint = self._resume_checkpoint, None
             self._restore(learner, checkpoint)
+            self.resumed_from, self.resume = self.resume, None
 
     def _restore(self, learner: Learner, checkpoint: dict[str, Any]) -> None:
         where = f"--resume {self.resume}"
@@ -289,7 +295,7 @@ class Checkpoint:
                 next(batches)
             except StopIteration:
                 raise UsageError(
-                    f"--resume {self.resume}: it stopped after batch {learner.iteration} of an "
+                    f"--resume {self.resumed_from}: it stopped after batch {learner.iteration} of an "
                     f"epoch but the training data has only {done} batches; resume with the "
                     "same data and batch size"
                 ) from None

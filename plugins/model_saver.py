@@ -62,6 +62,7 @@ epoch. Python API::
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import types
 import typing
@@ -110,8 +111,9 @@ class ModelSaver:
 
     Args:
         path: the file (default: ``learner.run_dir / "model.pt"``).
-        monitor: which epoch is best (a :class:`~trainloop.monitor.Monitor` or a metric
-            name); ``None`` saves the final weights.
+        monitor: which epoch is best (a :class:`~trainloop.monitor.Monitor`, of which
+            the plugin keeps its own copy, or a metric name); ``None`` saves the final
+            weights.
         recipe: the recipe path or name to record, for :func:`rebuild`.
         write: whether this process writes (``False`` on all but the main process).
 
@@ -127,7 +129,8 @@ class ModelSaver:
         write: bool = True,
     ) -> None:
         self.path = Path(path) if path is not None else None
-        self.monitor = Monitor(monitor) if isinstance(monitor, str) else monitor
+        # A copy: a Monitor shared with another plugin would see each value twice.
+        self.monitor = Monitor(monitor) if isinstance(monitor, str) else copy.copy(monitor)
         self.recipe = recipe
         self.write = write
         self.best_metrics: dict[str, Any] | None = None

@@ -300,3 +300,24 @@ def test_bad_checkpoint_options_are_usage_errors(option, message, tmp_path, caps
     assert cli.main(["run", str(recipe), "--out", str(tmp_path / "run"), *option]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and message in error
+
+
+def test_a_monitor_shared_with_model_saver_gives_both_the_same_best(tmp_path: Path) -> None:
+    from trainloop.plugins.model_saver import ModelSaver
+
+    shared = Monitor("score", "max")
+    plugins = [Checkpoint(tmp_path, monitor=shared), ModelSaver(tmp_path / "model.pt", shared)]
+    make_learner(plugins + [Scores([1.0, 3.0, 2.0])]).fit(3)
+    assert _best_files(tmp_path) == {"best.pt": 1}
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["metrics"]["epoch"] == 1
+
+
+def test_resume_applies_to_the_first_fit_only(tmp_path: Path) -> None:
+    make_learner([Checkpoint(tmp_path)]).fit(2)
+    plugin = Checkpoint(tmp_path / "again", resume=tmp_path / "last.pt")
+    learner = make_learner([plugin])
+    learner.fit(3)
+    assert [record["epoch"] for record in learner.history] == [0, 1, 2]
+    assert plugin.resumed_from == tmp_path / "last.pt"
+    learner.fit(1)  # a second fit on the same learner starts afresh
+    assert learner.history == [learner.history[0]] and learner.history[0]["epoch"] == 0
