@@ -543,3 +543,25 @@ def test_callbacks_table_names_built_in_plugins_and_the_hooks_they_use():
         assert [hook for hook in hooks if hook not in used] == [], plugins
     if not_yet:
         pytest.skip(f"docs/learn/callbacks.md names plugins not built in yet: {not_yet}")
+
+
+def test_carvana_picture_on_the_unet_page_has_the_layout_of_the_default_run():
+    import argparse
+
+    from trainloop.data.carvana_render import overlay_rows
+    from trainloop.plugins import tensorboard
+    from trainloop.recipe import load_recipe
+
+    recipe_path = ROOT / "recipes" / "unet_carvana.py"
+    if not recipe_path.exists():
+        pytest.skip("recipes/unet_carvana.py does not exist yet")
+    width, height = load_recipe(recipe_path).Config().image_size
+    parser = argparse.ArgumentParser()
+    tensorboard.add_options(parser=parser)
+    count = parser.parse_args([]).tensorboard_images
+    zeros = torch.zeros(count, 1, height, width)
+    expected = overlay_rows(zeros.expand(-1, 3, -1, -1), zeros, zeros)
+
+    picture = Image.open(LEARN / "carvana_samples.png")
+    assert picture.size == (expected.shape[2], expected.shape[1])
+    assert "(carvana_samples.png)" in (LEARN / "unet.md").read_text()
