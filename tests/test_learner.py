@@ -145,7 +145,7 @@ def test_stop_fit_ends_training_cleanly_and_on_fit_end_runs():
     learner = make_learner(plugins=[StopAtThirdBatch()])
     learner.fit(5)
     assert StopAtThirdBatch.fit_ended
-    assert learner.epoch == 0 and learner.step == 2
+    assert learner.epoch == 0 and learner.step == 3  # the third batch finished, then fit stopped
 
 
 def test_should_stop_flag_ends_fit_after_the_current_epoch_when_set_at_epoch_end():
@@ -294,3 +294,14 @@ def test_empty_validation_data_is_a_usage_error():
     learner.valid_data = []
     with pytest.raises(UsageError, match="validation data yielded no batches"):
         learner.fit(1)
+
+
+def test_stop_fit_inside_a_batch_counts_that_batch_as_done_so_a_resume_does_not_repeat_it():
+    class StopInSecondBatch:
+        def on_backward_end(self, learner):
+            if learner.iteration == 1:
+                raise StopFit
+
+    learner = make_learner(plugins=[StopInSecondBatch()], valid=False)
+    learner.fit(3)
+    assert (learner.epoch, learner.iteration, learner.step) == (0, 2, 2)

@@ -209,7 +209,10 @@ class Learner:
         try:
             for batch in batches:
                 self.batch = self._transfer_batch(learner=self, batch=batch)
-                self._with_events(self._train_batch, "batch", CancelBatch)
+                try:
+                    self._with_events(self._train_batch, "batch", CancelBatch)
+                except StopFit:  # the batch is over, like a CancelBatch, and so is fit
+                    self.should_stop = True
                 # From here on ``iteration`` counts this epoch's finished batches, which
                 # is where a run stopped now (StopFit, Ctrl-C) must resume.
                 self.iteration += 1
@@ -219,6 +222,10 @@ class Learner:
         except CancelEpoch:
             self._finish_train()
             raise
+        finally:
+            # A traceback kept on learner.exception must not keep a DataLoader iterator
+            # (and its worker processes) alive.
+            batches = None
         if self.iteration == first == 0:
             raise UsageError("the training data yielded no batches: is the dataset empty?")
         self._finish_train()
