@@ -28,4 +28,4 @@ class CancelEpoch(Exception):
 
 
 class StopFit(Exception):
-    """Raise from a hook to end ``fit`` cleanly after the current step; ``on_fit_end`` fires."""
+    """Raise from a hook to end ``fit`` cleanly; a training batch it interrupts counts as done."""
