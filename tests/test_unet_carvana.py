@@ -1,0 +1,238 @@
+"""recipes/unet_carvana.py end to end through the CLI, on tiny generated data, and its bad input."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from trainloop import hookimpl
+from trainloop.cli import DISABLE_AUTOLOAD, main
+from trainloop.data.carvana import generate_dataset
+from trainloop.data.carvana_render import overlay_rows
+from trainloop.manager import builtin_plugin_names
+from trainloop.rle import rle_decode
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
+
+RECIPE = str(ROOT / "recipes" / "unet_carvana.py")
+PHOTO_SIZE = (72, 40)  # (width, height) of the generated photos: not square, not 1918x1280
+TINY = ["--image-size", "32", "24", "--depth", "2", "--base-width", "4", "--epochs", "1"]
+
+
+class LeftHalfPredictions:
+    """Predicts the left half of every test photo as car (logits +-10): a known answer."""
+
+    @hookimpl
+    def forward(self, learner, batch):
+        images, second = batch
+        if second.dim() != 1:  # training and validation batches (images, masks)
+            return None
+        logits = torch.full((len(images), 1, *images.shape[-2:]), -10.0)
+        logits[..., : images.shape[-1] // 2] = 10.0
+        return logits
+
+
+LEFT_HALF = LeftHalfPredictions()  # for -p test_unet_carvana:LEFT_HALF
+
+
+@pytest.fixture(autouse=True)
+def no_entry_points(monkeypatch):
+    monkeypatch.setenv(DISABLE_AUTOLOAD, "1")
+
+
+@pytest.fixture(scope="session")
+def generated(tmp_path_factory) -> Path:
+    """2 training cars (one for validation) and 1 test car of 72x40 photos, read-only."""
+    input_dir = tmp_path_factory.mktemp("carvana") / "input"
+    generate_dataset(input_dir, n_train_cars=2, n_test_cars=1, size=PHOTO_SIZE, seed=0)
+    return input_dir
+
+
+@pytest.fixture
+def input_dir(generated, tmp_path) -> Path:
+    """A private copy of the generated set, for tests that break it."""
+    return Path(shutil.copytree(generated, tmp_path / "input"))
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    with gzip.open(path, "rt", newline="") as file:
+        return list(csv.reader(file))
+
+
+def test_a_run_trains_shows_saves_and_writes_a_submission_at_the_photos_own_size(
+    generated, tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    status = main(
+        ["run", RECIPE, "--input-dir", str(generated), *TINY, "--out", str(run_dir),
+         "-p", "test_unet_carvana:LEFT_HALF"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "generated" not in out  # the data was there
+    assert "16 training and 16 validation photos at 32x24" in out
+    assert f"submission: {run_dir / 'submit.csv.gz'} (16 rows)" in out
+
+    (metrics,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(metrics) == ["epoch", "train_loss", "valid_dice", "valid_loss"]
+    assert 0.0 <= metrics["valid_dice"] <= 1.0
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert {"train_loss", "valid_loss", "valid_dice"} <= set(events.Tags()["scalars"])
+    (picture,) = events.Images("valid_images/samples")  # 4 rows of photo | truth | prediction
+    assert (picture.height, picture.width) == (4 * 24 + 3 * 2, 3 * 32 + 2 * 2)
+    if "model_saver" in builtin_plugin_names():
+        saved = torch.load(run_dir / "model.pt", weights_only=True)
+        assert saved["config"]["base_width"] == 4
+
+    rows = read_rows(run_dir / "submit.csv.gz")
+    test_names = sorted(path.name for path in (generated / "test").glob("*.jpg"))
+    assert rows[0] == ["img", "rle_mask"]
+    assert [name for name, _ in rows[1:]] == test_names
+    width, height = PHOTO_SIZE
+    left_half = np.zeros((height, width), dtype=bool)
+    left_half[:, : width // 2] = True
+    for name, rle in rows[1:]:
+        with Image.open(generated / "test" / name) as photo:
+            assert photo.size == PHOTO_SIZE
+        assert np.array_equal(rle_decode(rle, (height, width)), left_half), name
+    assert not list(run_dir.glob("*.partial"))
+
+
+def test_without_data_the_recipe_generates_it_says_so_once_and_predicts_every_test_photo(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the default --input-dir is ./input
+    status = main(
+        ["run", RECIPE, *TINY, "--out", "run", "--synthetic-cars", "2",
+         "--synthetic-test-cars", "1", "--synthetic-size", "56", "40", "--no-tensorboard"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0
+    assert out.count("generated a synthetic set") == 1
+    assert (
+        "no Carvana data in input: generated a synthetic set there (2 training and 1 test cars, 56x40 photos)"
+        in out
+    )
+    assert len(list((tmp_path / "input" / "train").glob("*.jpg"))) == 32
+    rows = read_rows(tmp_path / "run" / "submit.csv.gz")[1:]
+    assert len(rows) == 16
+    for name, rle in rows:
+        assert rle_decode(rle, (40, 56)).shape == (40, 56), name
+
+
+def test_no_predict_trains_without_writing_a_submission(generated, tmp_path):
+    status = main(["run", RECIPE, "--input-dir", str(generated), *TINY, "--out",
+                   str(tmp_path / "run"), "--no-predict", "--no-tensorboard"])  # fmt: skip
+    assert status == 0
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "submit.csv.gz").exists()
+
+
+# --- bad input: one line naming the thing, exit status 2 -------------------------------
+
+
+def run_expecting_usage_error(input_dir: Path, tmp_path: Path, capsys, *options: str) -> str:
+    status = main(["run", RECIPE, "--input-dir", str(input_dir), *TINY, "--out",
+                   str(tmp_path / "run"), "--no-tensorboard", *options])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trainloop: error: "), err
+    return lines[0]
+
+
+def test_images_without_masks_are_a_usage_error(input_dir, tmp_path, capsys):
+    shutil.rmtree(input_dir / "train_masks")
+    line = run_expecting_usage_error(input_dir, tmp_path, capsys)
+    assert f"{input_dir / 'train_masks'} has no masks: unzip train_masks.zip" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_mask_without_its_image_is_named(input_dir, tmp_path, capsys):
+    photo = sorted((input_dir / "train").glob("*.jpg"))[3]
+    photo.unlink()
+    line = run_expecting_usage_error(input_dir, tmp_path, capsys)
+    assert f"{input_dir / 'train_masks' / photo.stem}_mask.gif has no image {photo}" in line
+
+
+def test_a_photo_that_is_not_a_jpeg_is_named(input_dir, tmp_path, capsys):
+    photo = sorted((input_dir / "train").glob("*.jpg"))[5]
+    photo.write_bytes(b"this is not a JPEG file at all")
+    line = run_expecting_usage_error(input_dir, tmp_path, capsys)
+    assert f"{photo} is not a readable JPEG image" in line
+
+
+def test_a_truncated_jpeg_is_named_when_it_is_read(input_dir, tmp_path, capsys):
+    photo = sorted((input_dir / "train").glob("*.jpg"))[0]  # the header still reads
+    photo.write_bytes(photo.read_bytes()[:400])
+    line = run_expecting_usage_error(input_dir, tmp_path, capsys)
+    assert f"{photo} is not a readable JPEG image" in line
+
+
+def test_an_unreadable_gif_mask_is_named(input_dir, tmp_path, capsys):
+    mask = sorted((input_dir / "train_masks").glob("*.gif"))[2]
+    mask.write_bytes(b"GIF89a broken")
+    line = run_expecting_usage_error(input_dir, tmp_path, capsys)
+    assert f"{mask} is not a readable mask" in line
+
+
+def test_an_empty_test_folder_is_a_usage_error(input_dir, tmp_path, capsys):
+    for photo in (input_dir / "test").glob("*.jpg"):
+        photo.unlink()
+    line = run_expecting_usage_error(input_dir, tmp_path, capsys)
+    assert f"{input_dir / 'test'} has no .jpg images: unzip test.zip" in line
+
+
+def test_an_image_size_not_divisible_by_two_to_the_depth_names_the_nearest_valid_sizes(
+    generated, tmp_path, capsys
+):
+    line = run_expecting_usage_error(
+        generated, tmp_path, capsys, "--image-size", "150", "100", "--depth", "4"
+    )
+    assert line.endswith("--image-size 150x100 is not divisible by 2^4=16: use 160x112 or 144x96")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--threshold", "1.5", "--threshold 1.5: use a probability between 0 and 1"),
+        ("--batch-size", "0", "--batch-size 0: use 1 or more"),
+        ("--workers", "-1", "--workers -1: use 0"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(generated, tmp_path, capsys, option, value, message):
+    line = run_expecting_usage_error(generated, tmp_path, capsys, option, value)
+    assert message in line
+
+
+# --- the pictures ----------------------------------------------------------------------
+
+
+def test_the_picture_shows_photo_truth_and_prediction_side_by_side():
+    images = torch.full((2, 3, 4, 6), 0.5)
+    masks = torch.zeros(2, 1, 4, 6)
+    masks[0, 0, 0, 0] = 1.0
+    logits = torch.full((2, 1, 4, 6), -5.0)
+    logits[1, 0, 3, 5] = 5.0
+    picture = overlay_rows(images, masks, logits, threshold=0.5)
+    assert picture.shape == (3, 2 * 4 + 2, 3 * 6 + 2 * 2)
+    assert picture.min() >= 0 and picture.max() <= 1
+    photo, truth, prediction = (picture[:, :, left : left + 6] for left in (0, 8, 16))
+    torch.testing.assert_close(photo[:, :4], images[0])
+    # the truth pixel of sample 0 is tinted green, the predicted pixel of sample 1 red
+    assert truth[1, 0, 0] > truth[0, 0, 0] and truth[1, 0, 1] == 0.5
+    assert prediction[0, 6 + 3, 5] > prediction[1, 6 + 3, 5]
+    assert prediction[0, 6 + 3, 4] == 0.5
+    assert (picture[:, 4:6] == 1).all()  # the white line between the rows
