@@ -67,6 +67,7 @@ CHECKED_PLUGIN_PAGES = {
     "model_saver.md",
     "nan_guard.md",
     "precision.md",
+    "predictions.md",
     "tensorboard.md",
 }
 
