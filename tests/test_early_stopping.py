@@ -9,12 +9,12 @@ import textwrap
 
 import pytest
 from conftest import make_learner
-from trainloop.plugins import early_stopping
-from trainloop.plugins.early_stopping import EarlyStopping
 
 from trainloop import PluginManager, RunConfig, UsageError, hookimpl
 from trainloop.cli import main
 from trainloop.monitor import Monitor
+from trainloop.plugins import early_stopping
+from trainloop.plugins.early_stopping import EarlyStopping
 
 
 class AddScore:

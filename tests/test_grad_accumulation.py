@@ -8,11 +8,11 @@ import textwrap
 
 import pytest
 import torch
-from trainloop.plugins import grad_accumulation
-from trainloop.plugins.grad_accumulation import GradAccumulation
 
 from trainloop import Learner, PluginManager, RunConfig
 from trainloop.cli import main
+from trainloop.plugins import grad_accumulation
+from trainloop.plugins.grad_accumulation import GradAccumulation
 
 
 def regression_data(batches: int, batch: int, seed: int = 0):

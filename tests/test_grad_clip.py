@@ -8,12 +8,12 @@ import textwrap
 import pytest
 import torch
 from conftest import make_learner
-from trainloop.plugins import grad_clip
-from trainloop.plugins.grad_accumulation import GradAccumulation
-from trainloop.plugins.grad_clip import GradClip
 
 from trainloop import PluginManager, RunConfig, UsageError, hookimpl
 from trainloop.cli import main
+from trainloop.plugins import grad_clip
+from trainloop.plugins.grad_accumulation import GradAccumulation
+from trainloop.plugins.grad_clip import GradClip
 
 
 class GradientSpy:

@@ -18,13 +18,13 @@ from torch.optim.lr_scheduler import (
     ReduceLROnPlateau,
     StepLR,
 )
-from trainloop.plugins import lr_scheduler
-from trainloop.plugins.grad_accumulation import GradAccumulation
-from trainloop.plugins.lr_scheduler import LRScheduler, NamedSchedule
 
 from trainloop import PluginManager, RunConfig, UsageError, hookimpl
 from trainloop.cli import main
 from trainloop.monitor import Monitor
+from trainloop.plugins import lr_scheduler
+from trainloop.plugins.grad_accumulation import GradAccumulation
+from trainloop.plugins.lr_scheduler import LRScheduler, NamedSchedule
 
 
 class StepLrs:

@@ -15,13 +15,13 @@ from conftest import ROOT, make_learner
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.optim.lr_scheduler import StepLR
-from trainloop.plugins import tensorboard
-from trainloop.plugins.lr_scheduler import LRScheduler
-from trainloop.plugins.tensorboard import TensorBoardLogger, flat_hparams
 
 from trainloop import PluginManager, RunConfig, hookimpl
 from trainloop.cli import main
 from trainloop.data.mnist import write_idx_files
+from trainloop.plugins import tensorboard
+from trainloop.plugins.lr_scheduler import LRScheduler
+from trainloop.plugins.tensorboard import TensorBoardLogger, flat_hparams
 
 
 def read_events(folder: Path) -> EventAccumulator:
