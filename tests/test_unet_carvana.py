@@ -174,11 +174,15 @@ def test_a_photo_that_is_not_a_jpeg_is_named(input_dir, tmp_path, capsys):
     assert f"{photo} is not a readable JPEG image" in line
 
 
-def test_a_truncated_jpeg_is_named_when_it_is_read(input_dir, tmp_path, capsys):
-    photo = sorted((input_dir / "train").glob("*.jpg"))[0]  # the header still reads
-    photo.write_bytes(photo.read_bytes()[:400])
-    line = run_expecting_usage_error(input_dir, tmp_path, capsys)
-    assert f"{photo} is not a readable JPEG image" in line
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_truncated_jpeg_is_named_in_one_line_when_it_is_decoded(
+    input_dir, tmp_path, capsys, workers
+):
+    photo = sorted((input_dir / "train").glob("*.jpg"))[0]
+    data = photo.read_bytes()
+    photo.write_bytes(data[: len(data) * 2 // 3])  # the header reads; the pixels do not
+    line = run_expecting_usage_error(input_dir, tmp_path, capsys, "--workers", str(workers))
+    assert f"{photo} is not a readable JPEG image (Image is incomplete or truncated)" in line
 
 
 def test_an_unreadable_gif_mask_is_named(input_dir, tmp_path, capsys):

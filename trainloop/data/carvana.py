@@ -57,6 +57,7 @@ from trainloop.errors import UsageError
 __all__ = [
     "COMPETITION",
     "CarvanaDataset",
+    "DataFileError",
     "Layout",
     "SharedGridAffine",
     "SyntheticCar",
@@ -161,6 +162,22 @@ def check_size(size: tuple[int, int], depth: int, name: str = "image size") -> N
     raise UsageError(f"{name} {width}x{height} is not divisible by 2^{depth}={step}: use {choices}")
 
 
+class DataFileError(UsageError):
+    """A photo or mask that cannot be loaded: missing, corrupt, or of the wrong size.
+
+    When a DataLoader worker process raises it, PyTorch raises it again in the main
+    process with the worker's whole traceback as the message; this keeps only the
+    original message, so the command line still prints one line (``--debug`` shows the
+    traceback).
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
 def read_jpeg(path: str | os.PathLike) -> torch.Tensor:
     """Decode a JPEG file into a uint8 RGB tensor of shape ``(3, height, width)``.
 
@@ -173,12 +190,12 @@ def read_jpeg(path: str | os.PathLike) -> torch.Tensor:
         return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB)
     except RuntimeError as error:
         if not Path(path).exists():
-            raise UsageError(
+            raise DataFileError(
                 f"{path} does not exist: check the input folder and the image ids"
             ) from None
         # torchvision prefixes its reason with "function, source file:line, ".
         reason = str(error).strip().splitlines()[0].split(", ")[-1] if str(error) else "unknown"
-        raise UsageError(
+        raise DataFileError(
             f"{path} is not a readable JPEG image ({reason}): replace it with the original "
             f"from the Kaggle zip file"
         ) from None
@@ -196,11 +213,11 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
                 image = image.convert("L")
             pixels = np.asarray(image)
     except FileNotFoundError:
-        raise UsageError(
+        raise DataFileError(
             f"{path} does not exist: unzip train_masks.zip into the input folder"
         ) from None
     except Exception as error:
-        raise UsageError(
+        raise DataFileError(
             f"{path} is not a readable mask ({error}): replace it with the original from the "
             f"Kaggle zip file"
         ) from None
@@ -353,7 +370,7 @@ class CarvanaDataset(Dataset):
             return self.transform(image).as_subclass(torch.Tensor), index
         mask = tv_tensors.Mask(read_mask(self.mask_path(index)))
         if image.shape[-2:] != mask.shape[-2:]:
-            raise UsageError(
+            raise DataFileError(
                 f"{self.mask_path(index)} is {mask.shape[-1]}x{mask.shape[-2]} but its image "
                 f"{self.image_path(index)} is {image.shape[-1]}x{image.shape[-2]}: replace them "
                 f"with the originals from the Kaggle zip files"
