@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import gzip
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainloop import Learner, hookimpl
+from trainloop import Learner, PluginManager, RunConfig, hookimpl
+from trainloop.plugins import predictions
 from trainloop.plugins.predictions import PredictionWriter
 from trainloop.rle import rle_decode
 
@@ -190,6 +192,21 @@ def test_a_process_that_does_not_write_creates_no_file(tmp_path):
     writer = PredictionWriter(tmp_path / "s.csv.gz", [("a.jpg", (2, 1))], write=False)
     predict_with(writer, [(torch.ones(1, 1, 1, 2), torch.tensor([0]))], tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_under_the_cli_only_the_main_process_writes(tmp_path):
+    config = RunConfig(argparse.Namespace(), tmp_path, Path("r.py"), None, PluginManager())
+    config.is_main_process = False  # as the distributed plugin sets it on ranks above 0
+    predictions.configure(config)
+    try:
+        writer = PredictionWriter(tmp_path / "s.csv.gz", [("a.jpg", (2, 1))])
+        predict_with(writer, [(torch.ones(1, 1, 1, 2), torch.tensor([0]))], tmp_path)
+    finally:
+        predictions.unconfigure()
+    assert list(tmp_path.iterdir()) == []
+    writer = PredictionWriter(tmp_path / "s.csv.gz", [("a.jpg", (2, 1))])  # after the run
+    predict_with(writer, [(torch.ones(1, 1, 1, 2), torch.tensor([0]))], tmp_path)
+    assert (tmp_path / "s.csv.gz").exists()
 
 
 def test_a_threshold_outside_zero_to_one_is_refused():
