@@ -308,3 +308,20 @@ def test_plugins_lists_the_built_ins_with_their_origin(capsys):
     assert status == 0
     assert any("progress" in line and "built-in" in line for line in stdout.splitlines())
     assert any("metrics_jsonl" in line and "built-in" in line for line in stdout.splitlines())
+
+
+def test_p_module_class_registers_an_instance_of_the_class(tiny, tmp_path, capsys, monkeypatch):
+    write(
+        tmp_path / "class_plugins.py",
+        """
+        class Announce:
+            def on_fit_begin(self, learner):
+                print("ANNOUNCED", type(self).__name__)
+        """,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    status, stdout, _ = run(
+        "run", tiny, "--out", tmp_path / "o", "-p", "class_plugins:Announce", capsys=capsys
+    )
+    assert status == 0
+    assert "ANNOUNCED Announce" in stdout

@@ -10,6 +10,7 @@ from trainloop.errors import CancelBatch, CancelEpoch, StopFit, TrainingError, U
 from trainloop.hookspecs import hookimpl, hookspec
 from trainloop.learner import Learner, batch_size, target_of
 from trainloop.manager import PluginManager
+from trainloop.monitor import Monitor
 from trainloop.run import RunConfig
 
 try:
@@ -23,6 +24,7 @@ __all__ = [
     "CancelBatch",
     "CancelEpoch",
     "Learner",
+    "Monitor",
     "PluginManager",
     "RunConfig",
     "StopFit",

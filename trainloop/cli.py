@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(argv: list[str]) -> int:
-    parser = _Parser(prog="trainloop", description=__doc__, allow_abbrev=False)
+    parser = _Parser(
+        prog="trainloop",
+        description="trainloop: run a recipe, list plugins, print the version.",
+        allow_abbrev=False,
+    )
     parser.add_argument("--version", action="version", version=f"trainloop {trainloop.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser(

@@ -57,6 +57,21 @@ class Learner:
         plugins: plugin objects (instances, or modules with hook functions).
         run_dir: the run folder plugins write into, if any (the CLI sets it).
         plugin_manager: a :class:`~trainloop.PluginManager` to use instead of a new one.
+
+    Attributes:
+        epoch: the current epoch, from 0. ``epochs``: how many ``fit`` was asked for.
+        iteration: during a batch, its index in the phase; after a training batch,
+            how many of the epoch's batches are done.
+        step: training batches done since the run started.
+        batch, pred, loss: the current batch (on the device), the model's output, the
+            loss tensor.
+        training: whether the current phase trains.
+        metrics: the current epoch's values (``train_loss``, ``valid_loss``, ...).
+        history: one dict per finished epoch, ``{"epoch": ..., **metrics}``.
+        should_stop: set it to end ``fit`` after the current batch or epoch.
+        exception: what ended the last ``fit`` or ``predict``, or ``None``.
+        run_dir, config: the run folder and the recipe's Config (set by the CLI).
+        hook: the plugin manager's hook relay, to call hooks from a plugin.
     """
 
     def __init__(

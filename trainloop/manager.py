@@ -151,6 +151,13 @@ class PluginManager(pluggy.PluginManager):
                 raise UsageError(
                     f"-p {spec}: module {module_name!r} has no {attribute!r}"
                 ) from None
+        if inspect.isclass(plugin):  # -p module:Class means one instance of it
+            try:
+                plugin = plugin()
+            except TypeError as error:
+                raise UsageError(
+                    f"-p {spec}: cannot make a {attribute} without arguments ({error}): point -p at an instance"
+                ) from None
         self.register(plugin, spec, origin="-p")
 
     # --- reporting ---------------------------------------------------------------------
