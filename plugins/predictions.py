@@ -179,7 +179,7 @@ class PredictionWriter:
             filename=self.path.name, mode="wb", fileobj=raw, compresslevel=self.compresslevel
         )
         self._raw = raw
-        self._file = io.TextIOWrapper(packed, encoding="ascii", newline="")
+        self._file = io.TextIOWrapper(packed, encoding="utf-8", newline="")
         self._csv = csv.writer(self._file, lineterminator="\n")
         self._csv.writerow(HEADER)
 

@@ -13,15 +13,17 @@ cars (photo | true mask | predicted mask), ``checkpoints/``, ``model.pt``, and
 ``submit.csv.gz``: one ``img,rle_mask`` row per test photo, each predicted mask
 resized to its photo's original size and thresholded, streamed as it is predicted.
 
-With the real data on a GPU, train at a size close to the photos' 1918x1280 that
-divides by 2^depth, for example::
+With the real data on a GPU, train at a size close to the photos' 1918x1280 whose sides
+divide by 2^depth, on a wider U-Net, with mixed precision, a cosine schedule, and the
+best epoch kept by Dice::
 
     trainloop run recipes/unet_carvana.py --input-dir input --image-size 1024 688 \\
-        --base-width 32 --depth 5 --batch-size 8 --epochs 30 --workers 8 \\
-        --precision bf16-mixed --channels-last --monitor valid_dice
+        --base-width 32 --depth 4 --batch-size 8 --epochs 30 --lr 1e-3 \\
+        --lr-schedule cosine --workers 8 --precision bf16-mixed --channels-last \\
+        --monitor valid_dice
 
-(``--image-size 1920 1280 --batch-size 2`` for full size on a large GPU; see
-docs/carvana.md for more.)
+(full size: ``--image-size 1920 1280 --depth 5 --batch-size 2``; docs/carvana.md has
+the whole table of settings.)
 """
 
 from __future__ import annotations
@@ -60,10 +62,10 @@ class Config:
         metadata={"help": "WIDTH HEIGHT to train and predict at, each divisible by 2^depth"},
     )
     batch_size: int = 8
-    epochs: int = 12
+    epochs: int = 20
     base_width: int = field(default=8, metadata={"help": "channels of the first U-Net level"})
     depth: int = field(default=4, metadata={"help": "halvings of the image in the U-Net"})
-    lr: float = field(default=3e-3, metadata={"help": "Adam's learning rate"})
+    lr: float = field(default=2e-3, metadata={"help": "Adam's learning rate"})
     threshold: float = field(
         default=0.5, metadata={"help": "a pixel is car where the probability is above it"}
     )
@@ -82,7 +84,7 @@ class Config:
     )
     synthetic_test_cars: int = field(default=2, metadata={"help": "generated data: test cars"})
     synthetic_size: tuple[int, int] = field(
-        default=(240, 160), metadata={"help": "generated data: WIDTH HEIGHT of the photos"}
+        default=(288, 192), metadata={"help": "generated data: WIDTH HEIGHT of the photos"}
     )
     seed: int = field(default=0, metadata={"help": "random seed (training, split, data)"})
 
