@@ -37,6 +37,7 @@ import torch
 from trainloop import Learner, UsageError
 from trainloop.data.carvana import (
     CarvanaDataset,
+    car_id_of,
     check_layout,
     check_size,
     ensure_data,
@@ -141,14 +142,29 @@ def prepare_data(cfg: Config) -> None:
         _say(f"unpacked {', '.join(unpacked)} in {cfg.input_dir}")
 
 
+def varied_order(image_ids: list[str]) -> list[str]:
+    """The same photos, ordered so that the first ones show different cars from different sides.
+
+    Car ``k`` (in sorted order) starts at view ``1 + 5k`` and goes round from there; the
+    photos are then taken one from each car in turn.
+    """
+    cars = sorted({car_id_of(image_id) for image_id in image_ids})
+    rank = {car: position for position, car in enumerate(cars)}
+
+    def key(image_id: str) -> tuple[int, int]:
+        car, view = image_id.rsplit("_", 1)
+        return (int(view) - 1 - 5 * rank[car]) % 16, rank[car]
+
+    return sorted(image_ids, key=key)
+
+
 def build(cfg: Config) -> Learner:
     _check(cfg)
     prepare_data(cfg)
     layout = check_layout(cfg.input_dir, require_test=cfg.predict)
     valid_size = int(cfg.valid_size) if cfg.valid_size >= 1 else cfg.valid_size
     train_ids, valid_ids = split_by_car(layout.train_ids, valid_size, cfg.sample_size, cfg.seed)
-    # View by view, so the first validation samples (TensorBoard's pictures) are different cars.
-    valid_ids.sort(key=lambda image_id: (image_id.rsplit("_", 1)[1], image_id))
+    valid_ids = varied_order(valid_ids)  # TensorBoard pictures the first validation photos
     pin_memory = _pin_memory()
     size = tuple(cfg.image_size)
     train_data = make_loader(
