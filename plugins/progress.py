@@ -4,14 +4,17 @@ On a terminal it draws a bar with the running loss and speed; when output is not
 terminal (CI logs, files) it prints plain lines instead: one every ``--progress-every``
 seconds during an epoch and one per epoch with its metrics.
 
-The bar is refreshed at most ten times a second, and the loss is read from the device
-only then, so the plugin adds no per-batch device sync.
+A background thread refreshes the bar ten times a second (plain lines: every
+``--progress-every`` seconds), reading the learner's state then: the plugin implements
+no per-batch hook, so it adds nothing to the per-batch path and no per-batch device
+sync.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -97,6 +100,7 @@ class Progress:
             self._bar.start()
 
     def on_fit_end(self, learner: Learner) -> None:
+        self._stop_refreshing()  # training may have ended with an error mid-epoch
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
@@ -104,7 +108,7 @@ class Progress:
     # --- epochs ------------------------------------------------------------------------
 
     def on_train_begin(self, learner: Learner) -> None:
-        self._epoch_start = self._last_refresh = time.perf_counter()
+        self._epoch_start = time.perf_counter()
         self._first_iteration = learner.iteration
         self._total = _length(learner.train_data)
         self._label = f"epoch {learner.epoch + 1}/{learner.epochs}"
@@ -112,31 +116,45 @@ class Progress:
             self._task = self._bar.add_task(
                 self._label, total=self._total, completed=learner.iteration, loss="-", speed=""
             )
+        # A thread refreshes the display, so the plugin needs no per-batch hook at all.
+        self._stop = threading.Event()
+        self._refresher = threading.Thread(
+            target=self._refresh_until_stopped, args=(learner,), daemon=True
+        )
+        self._refresher.start()
 
-    def on_batch_end(self, learner: Learner) -> None:
-        now = time.perf_counter()
-        if not learner.training or now - self._last_refresh < self._refresh_seconds():
-            return
-        self._last_refresh = now
-        done = learner.iteration + 1
-        rate = (done - self._first_iteration) / max(now - self._epoch_start, 1e-9)
-        loss = learner.loss.item() if learner.loss is not None else float("nan")
+    def _refresh_until_stopped(self, learner: Learner) -> None:
+        seconds = REFRESH_SECONDS if self._bar is not None else self.plain_every
+        while not self._stop.wait(seconds):
+            self._refresh(learner)
+
+    def _refresh(self, learner: Learner) -> None:
+        done = learner.iteration  # read from another thread: close enough for a display
+        rate = (done - self._first_iteration) / max(time.perf_counter() - self._epoch_start, 1e-9)
+        loss = learner.loss
+        text = f"{loss.item():.4f}" if loss is not None else "-"
         if self._bar is not None:
-            self._bar.update(
-                self._task, completed=done, loss=f"{loss:.4f}", speed=f"{rate:.1f} batch/s"
-            )
+            self._bar.update(self._task, completed=done, loss=text, speed=f"{rate:.1f} batch/s")
         else:
             of_total = f"/{self._total}" if self._total else ""
             print(
-                f"{self._label} batch {done}{of_total} loss {loss:.4f} {rate:.1f} batch/s",
+                f"{self._label} batch {done}{of_total} loss {text} {rate:.1f} batch/s",
                 file=self.stream,
                 flush=True,
             )
 
     def on_train_end(self, learner: Learner) -> None:
+        self._stop_refreshing()
         if self._bar is not None and self._task is not None:
             self._bar.remove_task(self._task)
             self._task = None
+
+    def _stop_refreshing(self) -> None:
+        refresher = getattr(self, "_refresher", None)
+        if refresher is not None:
+            self._stop.set()
+            refresher.join()
+            self._refresher = None
 
     @hookimpl(trylast=True)  # after every plugin has added its metrics
     def on_epoch_end(self, learner: Learner) -> None:
@@ -146,9 +164,6 @@ class Progress:
             self._columns = list(row)
             self._print(_format_row(self._columns, self._columns))
         self._print(_format_row(self._columns, [row.get(column, "") for column in self._columns]))
-
-    def _refresh_seconds(self) -> float:
-        return REFRESH_SECONDS if self._bar is not None else self.plain_every
 
     def _print(self, line: str) -> None:
         if self._bar is not None:

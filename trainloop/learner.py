@@ -267,7 +267,7 @@ class Learner:
         losses, self._train_losses = self._train_losses, []
         if not losses:
             return float("nan")
-        values = torch.stack([loss.float() for loss, _ in losses])
+        values = torch.stack([loss for loss, _ in losses]).float()  # one op, not one per batch
         sizes = torch.tensor([size for _, size in losses], device=values.device)
         totals = torch.stack([(values * sizes).sum(), sizes.sum().float()])
         total, count = self._reduce_tensor(learner=self, tensor=totals).tolist()
@@ -476,6 +476,8 @@ def target_of(batch: Any) -> Any:
 
 def batch_size(batch: Any) -> int:
     """How many samples ``batch`` holds: the length of its first tensor."""
+    if type(batch) is tuple and batch and type(batch[0]) is torch.Tensor and batch[0].dim():
+        return len(batch[0])  # the common ``(inputs, target)`` case, on the per-batch path
     if isinstance(batch, torch.Tensor):
         return len(batch) if batch.dim() else 1
     if isinstance(batch, (tuple, list)) and batch:
