@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-from trainloop import Learner, RunConfig, hookimpl
+from trainloop import Learner, RunConfig, UsageError, hookimpl
 
 REFRESH_SECONDS = 0.1
 
@@ -46,6 +46,10 @@ def configure(config: RunConfig) -> None:
     if not config.is_main_process:  # only rank 0 of a distributed run shows progress
         return
     options = config.options
+    if not options.progress_every > 0:
+        raise UsageError(
+            f"--progress-every {options.progress_every}: give a number of seconds above 0"
+        )
     plugin = Progress(mode=options.progress, plain_every=options.progress_every)
     config.plugin_manager.register(plugin, "progress.display")
 
