@@ -14,10 +14,12 @@ import torch
 from conftest import ROOT
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from trainloop import hookimpl
 from trainloop.cli import DISABLE_AUTOLOAD, main
-from trainloop.data.carvana import generate_dataset
+from trainloop.data.carvana import generate_dataset, resize_mask
 from trainloop.data.carvana_render import overlay_rows
 from trainloop.manager import builtin_plugin_names
 from trainloop.recipe import load_recipe
@@ -249,3 +251,18 @@ def test_validation_photos_are_ordered_so_the_first_show_different_cars_and_side
     ordered = recipe.varied_order(ids)
     assert sorted(ordered) == ids
     assert ordered[:4] == ["cara_01", "carb_06", "carc_11", "card_16"]
+
+
+def test_masks_are_resized_by_area_so_outlines_match_a_mask_drawn_at_that_size():
+    def disc(width, height, scale):  # a disc of radius 40 (at 200x136), centred
+        rows, columns = np.mgrid[0:height, 0:width]
+        inside = (columns + 0.5 - width / 2) ** 2 + (rows + 0.5 - height / 2) ** 2
+        return torch.from_numpy(inside < (40 * scale) ** 2).to(torch.uint8)[None]
+
+    big, expected = disc(200, 136, 1.0), disc(144, 96, 0.72)
+    by_area = resize_mask(big, (144, 96))
+    by_nearest = v2.functional.resize(tv_tensors.Mask(big), [96, 144])
+    assert by_area.shape == (1, 96, 144) and by_area.dtype == torch.uint8
+    wrong_by_area = (by_area != expected).sum().item()
+    wrong_by_nearest = (by_nearest != expected).sum().item()
+    assert wrong_by_area * 1.5 < wrong_by_nearest  # 48 pixels against 91
