@@ -17,6 +17,9 @@ the batch losses).
 * Per-batch learning-rate schedules and ``learner.step``: a schedule stepped in
   ``on_step_end`` (the lr_scheduler plugin) advances once per optimizer step, i.e.
   once per N batches; ``learner.step`` still counts batches.
+* Checkpoints: a checkpoint written in the middle of a group (``--checkpoint-every``,
+  Ctrl-C) holds the group's gradients so far under the key ``grad_accumulation``, and a
+  resumed run adds the rest of the group to them, so it steps as if never stopped.
 
 Contract with other ``on_step_begin`` implementations: the averaging runs with
 ``tryfirst`` (like the AMP plugin's unscaling: both only rescale the gradients, so
@@ -72,12 +75,13 @@ class GradAccumulation:
         self.every = every
         self._accumulated = 0  # batches whose gradients are in .grad since the last step
         self._length: int | None = None
+        self._restored = 0  # batches of a group restored from a checkpoint, on resume
 
     def on_fit_begin(self, learner: Learner) -> None:
         self._accumulated = 0
 
     def on_train_begin(self, learner: Learner) -> None:
-        self._accumulated = 0
+        self._accumulated, self._restored = self._restored, 0
         try:
             self._length = len(learner.train_data)
         except TypeError:
@@ -102,6 +106,20 @@ class GradAccumulation:
             if grads:
                 torch._foreach_div_(grads, float(count))
 
+    def on_save_checkpoint(self, learner: Learner, checkpoint: dict) -> None:
+        if self._accumulated:  # in the middle of a group: its gradients so far
+            checkpoint["grad_accumulation"] = {
+                "accumulated": self._accumulated,
+                "grads": [param.grad for param in _parameters(learner)],
+            }
+
+    def on_load_checkpoint(self, learner: Learner, checkpoint: dict) -> None:
+        state = checkpoint.get("grad_accumulation")
+        if state:
+            for param, grad in zip(_parameters(learner), state["grads"], strict=True):
+                param.grad = None if grad is None else grad.to(param.device)
+            self._restored = state["accumulated"]
+
     def on_train_end(self, learner: Learner) -> None:
         if self._accumulated:
             warnings.warn(
@@ -113,3 +131,7 @@ class GradAccumulation:
             )
             learner.hook.zero_grad(learner=learner)
             self._accumulated = 0
+
+
+def _parameters(learner: Learner) -> list[torch.nn.Parameter]:
+    return [param for group in learner.optimizer.param_groups for param in group["params"]]

@@ -140,3 +140,29 @@ def test_the_cli_registers_the_plugin_only_when_accumulating(tmp_path):
 
     assert registered(1) == []
     assert registered(4) == [4]
+
+
+class CrashAfter:
+    """Raises after ``at`` training batches (the step checkpoint is written first)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_batch_begin(self, learner: Learner) -> None:
+        if learner.training and learner.step == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_checkpoint_in_the_middle_of_a_group_resumes_with_its_gradients(tmp_path):
+    from trainloop.plugins.checkpoint import Checkpoint
+
+    inputs, target = regression_data(6, 4)
+    batches = split(inputs, target, [4] * 6)
+    reference = train(batches, [GradAccumulation(2)], epochs=2)
+    # A step checkpoint after batch 3 of epoch 0: batch 3's gradients wait for batch 4.
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(batches, [GradAccumulation(2), Checkpoint(tmp_path, every=3), CrashAfter(4)])
+    resume = Checkpoint(tmp_path, resume=tmp_path / "last.pt")
+    resumed = train(batches, [GradAccumulation(2), resume], epochs=2)
+    assert resumed.step == reference.step == 12
+    assert_same_parameters(resumed, reference)
