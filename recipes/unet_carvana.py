@@ -104,6 +104,11 @@ def _pin_memory() -> bool:
 
 
 def _check(cfg: Config) -> None:
+    if cfg.input_dir.exists() and not cfg.input_dir.is_dir():
+        raise UsageError(
+            f"--input-dir {cfg.input_dir} is a file, not a folder: give the folder that holds "
+            f"(or will hold) the Carvana data"
+        )
     check_size(cfg.image_size, cfg.depth, name="--image-size")
     for option, value in (
         ("--batch-size", cfg.batch_size),

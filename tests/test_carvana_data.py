@@ -191,6 +191,15 @@ def test_check_layout_names_a_corrupt_jpeg(input_dir):
         check_layout(input_dir)
 
 
+def test_check_layout_names_a_png_saved_as_jpg_once_as_a_jpeg_image(input_dir):
+    photo = input_dir / "train" / f"{check_layout(input_dir).train_ids[4]}.jpg"
+    Image.open(photo).save(photo, format="PNG")
+    with pytest.raises(
+        UsageError, match=f"^{re.escape(str(photo))} is a PNG file, not a JPEG image: replace"
+    ):
+        check_layout(input_dir)
+
+
 def test_check_layout_names_an_unreadable_gif(input_dir):
     image_id = check_layout(input_dir).train_ids[9]
     unreadable = input_dir / "train_masks" / f"{image_id}_mask.gif"

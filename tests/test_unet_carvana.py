@@ -195,6 +195,16 @@ def test_an_unreadable_gif_mask_is_named(input_dir, tmp_path, capsys):
     assert f"{mask} is not a readable mask" in line
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_input_dir_that_is_a_file_is_named_as_the_option(tmp_path, capsys, workers):
+    not_a_folder = tmp_path / "input.zip"
+    not_a_folder.write_bytes(b"a file")
+    line = run_expecting_usage_error(not_a_folder, tmp_path, capsys, "--workers", str(workers))
+    assert line.endswith(f"--input-dir {not_a_folder} is a file, not a folder: give the folder "
+                         f"that holds (or will hold) the Carvana data")  # fmt: skip
+    assert not_a_folder.read_bytes() == b"a file"
+
+
 def test_an_empty_test_folder_is_a_usage_error(input_dir, tmp_path, capsys):
     for photo in (input_dir / "test").glob("*.jpg"):
         photo.unlink()

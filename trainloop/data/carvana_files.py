@@ -254,7 +254,7 @@ def _image_size(
         with Image.open(path) as image:
             if expected_format and image.format != expected_format:
                 raise UsageError(
-                    f"{path} is a {image.format} file, not a {expected_format} {kind}: "
+                    f"{path} is a {image.format} file, not a {kind}: "
                     f"replace it with the original from the Kaggle zip file"
                 )
             if decode:
