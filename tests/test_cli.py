@@ -164,6 +164,8 @@ def test_help_lists_the_config_fields_and_plugin_options(tiny, capsys):
             "implements unknown hook 'on_epoch_edn' (did you mean 'on_epoch_end'?)",
         ),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["run", "{tiny}", "--epochs", "-2"], "--epochs -2: give a number of epochs, 0 or more"),
+        (["run", "{tiny}", "--out", "{a_file}"], "is a file, not a folder"),
     ],
 )
 def test_bad_input_ends_with_one_clear_line_and_status_2(
@@ -180,8 +182,10 @@ def test_bad_input_ends_with_one_clear_line_and_status_2(
         TINY_RECIPE.replace("learner.built_with = cfg", "learner.add_plugin(Typo())")
         + "\nclass Typo:\n    def on_epoch_edn(self, learner):\n        pass\n",
     )
+    write(tmp_path / "a_file", "not a folder\n")
     names = {
         "tiny": tiny,
+        "a_file": tmp_path / "a_file",
         **{n: tmp_path / f"{n}.py" for n in ("no_build", "no_config", "misspelled")},
     }
     args = [arg.format(**names) for arg in args]

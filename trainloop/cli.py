@@ -163,10 +163,14 @@ def run(argv: list[str]) -> int:
     manager.hook.add_options(parser=parser, plugin_manager=manager)
     options = parser.parse_args(argv[1:])
     cfg = make_config(recipe.Config, options, field_names)
+    if options.epochs < 0:
+        raise UsageError(f"--epochs {options.epochs}: give a number of epochs, 0 or more")
 
     seed_everything(options.seed)
     run_dir = options.out or manager.hook.make_run_dir(options=options, recipe_path=recipe_path)
     run_dir = Path(run_dir or _new_run_dir(recipe_path))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir}: is a file, not a folder; give a folder for the run")
     config = RunConfig(options, run_dir, recipe_path, cfg, manager)
     manager.hook.configure(config=config)
     try:
