@@ -13,7 +13,9 @@ when the factory has a ``learner`` parameter (for schedules whose length depends
 * Each epoch it adds ``lr`` to ``learner.metrics``: the first parameter group's
   learning rate when the epoch began (for a per-batch schedule, that of the epoch's
   first batch), so ``metrics.jsonl``, the progress table and TensorBoard show it.
-* Checkpoints: the scheduler's ``state_dict`` goes under the key ``scheduler``. The
+* Checkpoints: the scheduler's ``state_dict`` goes under the key ``scheduler`` (and the
+  ``lr`` metric of the epoch in progress under ``scheduler_epoch_lr``, so an epoch
+  resumed in its middle reports the lr it began with). The
   scheduler is made in ``on_fit_begin`` with ``tryfirst``, before the checkpoint
   plugin restores states (a plain ``on_fit_begin``), so a resumed run continues the
   schedule where it stopped. A checkpoint loaded outside ``fit`` is applied to the
@@ -64,6 +66,7 @@ from trainloop.monitor import Monitor, add_monitor_options
 
 SCHEDULES = ("none", "cosine", "onecycle", "step", "plateau")
 CHECKPOINT_KEY = "scheduler"
+EPOCH_LR_KEY = "scheduler_epoch_lr"  # the ``lr`` metric of the epoch in progress
 Factory = Callable[..., Any]
 
 
@@ -174,6 +177,7 @@ class LRScheduler:
         self._fitting = False
         self._pending_state: dict[str, Any] | None = None
         self._epoch_lr: float | None = None
+        self._resumed_epoch_lr: float | None = None  # of an epoch resumed in its middle
 
     # --- fit ---------------------------------------------------------------------------
 
@@ -193,6 +197,8 @@ class LRScheduler:
 
     def on_epoch_begin(self, learner: Learner) -> None:
         self._epoch_lr = learner.optimizer.param_groups[0]["lr"]
+        if self._resumed_epoch_lr is not None:
+            self._epoch_lr, self._resumed_epoch_lr = self._resumed_epoch_lr, None
 
     def on_epoch_end(self, learner: Learner) -> None:
         if self._epoch_lr is not None:
@@ -209,11 +215,14 @@ class LRScheduler:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.scheduler is not None:
             checkpoint[CHECKPOINT_KEY] = self.scheduler.state_dict()
+            checkpoint[EPOCH_LR_KEY] = self._epoch_lr
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(self, learner: Learner, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
             return
+        if learner.iteration:  # resumed in the middle of an epoch: its lr is the one it began with
+            self._resumed_epoch_lr = checkpoint.get(EPOCH_LR_KEY)
         if self._fitting and self.scheduler is not None:
             self.scheduler.load_state_dict(state)
         else:  # loaded before fit: applied to the scheduler that fit makes

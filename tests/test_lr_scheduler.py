@@ -346,3 +346,32 @@ def test_a_run_resumed_with_the_checkpoint_plugin_continues_the_schedule(
     assert lrs(stopped) == pytest.approx(lrs(tmp_path / "whole"))
     expected = [0.05 * (1 + math.cos(math.pi * epoch / 4)) for epoch in range(4)]
     assert lrs(stopped) == pytest.approx(expected)
+
+
+class CrashAtStep:
+    def __init__(self, step):
+        self.step = step
+
+    def on_batch_begin(self, learner):
+        if learner.training and learner.step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_run_resumed_mid_epoch_reports_the_lr_its_epoch_began_with(tmp_path):
+    from trainloop.plugins.checkpoint import Checkpoint
+
+    whole = make_learner(plugins=[cosine_per_batch()])
+    whole.fit(3)
+    # 4 batches an epoch: the step checkpoint after 6 batches is in the middle of epoch 1
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make_learner(
+            plugins=[cosine_per_batch(), Checkpoint(tmp_path, every=3), CrashAtStep(6)]
+        ).fit(3)
+    resume = Checkpoint(tmp_path, resume=tmp_path / "last.pt")
+    resumed = make_learner(plugins=[cosine_per_batch(), resume])
+    resumed.fit(3)
+    lrs = [entry["lr"] for entry in resumed.history]
+    assert lrs == pytest.approx([entry["lr"] for entry in whole.history])
+    assert lrs == pytest.approx(
+        [0.1 * (1 + math.cos(math.pi * 4 * epoch / 12)) / 2 for epoch in range(3)]
+    )
