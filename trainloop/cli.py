@@ -224,9 +224,24 @@ def _attach(
     for spec in specs:  # -p no:NAME also switches off a plugin the recipe passed
         if spec.startswith("no:") and learner.plugin_manager.has_plugin(spec[3:]):
             learner.plugin_manager.unregister(name=spec[3:])
+        elif spec.startswith("no:") and spec[3:] not in _known_plugin_names():
+            raise UsageError(
+                f"-p {spec}: there is no plugin named {spec[3:]!r} to switch off"
+                " (see 'trainloop plugins')"
+            )
     if learner.run_dir is None:
         learner.run_dir = run_dir
     learner.config = cfg
+
+
+def _known_plugin_names() -> set[str]:
+    """The built-in plugins' names and those of the installed entry points."""
+    from importlib.metadata import entry_points
+
+    from trainloop.manager import ENTRY_POINT_GROUP, builtin_plugin_names
+
+    installed = {entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)}
+    return set(builtin_plugin_names()) | installed
 
 
 def seed_everything(seed: int) -> None:
