@@ -166,6 +166,7 @@ def test_help_lists_the_config_fields_and_plugin_options(tiny, capsys):
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["run", "{tiny}", "--epochs", "-2"], "--epochs -2: give a number of epochs, 0 or more"),
         (["run", "{tiny}", "--out", "{a_file}"], "is a file, not a folder"),
+        (["run", "{tiny}", "--out", "{a_file}/run"], "a_file is a file, not a folder"),
         (["run", "{tiny}", "-p", "no:tensorbord"], "-p no:tensorbord: there is no plugin named"),
     ],
 )

@@ -169,8 +169,9 @@ def run(argv: list[str]) -> int:
     seed_everything(options.seed)
     run_dir = options.out or manager.hook.make_run_dir(options=options, recipe_path=recipe_path)
     run_dir = Path(run_dir or _new_run_dir(recipe_path))
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir}: is a file, not a folder; give a folder for the run")
+    existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--out {run_dir}: {existing} is a file, not a folder; give a folder")
     config = RunConfig(options, run_dir, recipe_path, cfg, manager)
     manager.hook.configure(config=config)
     try:
