@@ -305,3 +305,21 @@ def test_stop_fit_inside_a_batch_counts_that_batch_as_done_so_a_resume_does_not_
     learner = make_learner(plugins=[StopInSecondBatch()], valid=False)
     learner.fit(3)
     assert (learner.epoch, learner.iteration, learner.step) == (0, 2, 2)
+
+
+def test_dict_batches_train_and_get_metrics_through_the_get_target_step():
+    class DictBatches:
+        @hookimpl
+        def forward(self, learner, batch):
+            return learner.model(batch["image"])
+
+        @hookimpl
+        def get_target(self, batch):
+            return batch["label"]
+
+    tuples = make_learner()
+    dicts = make_learner(plugins=[DictBatches()])
+    dicts.train_data = [{"image": x, "label": y} for x, y in tuples.train_data]
+    dicts.valid_data = [{"image": x, "label": y} for x, y in tuples.valid_data]
+    assert dicts.fit(2) == tuples.fit(2)  # same seed, same data: the same numbers
+    assert "valid_accuracy" in dicts.history[-1]

@@ -12,7 +12,7 @@ hooks:
   needs ``@hookimpl``. A name that matches no hook below is an error at registration.
 * Events (``on_*``) return nothing; their order between plugins is set with
   ``@hookimpl(tryfirst=True)`` / ``@hookimpl(trylast=True)``.
-* Steps (``transfer_batch``, ``forward``, ``compute_loss``, ``backward``,
+* Steps (``transfer_batch``, ``forward``, ``get_target``, ``compute_loss``, ``backward``,
   ``should_step``, ``optimizer_step``, ``zero_grad``, ``iter_train_data``,
   ``reduce_tensor``, ``render_batch``) are ``firstresult`` hooks: the first
   implementation that returns something other than ``None`` owns the step. The core's
@@ -305,8 +305,18 @@ def forward(learner: Learner, batch: Any) -> Any:
 
 
 @hookspec(firstresult=True)
+def get_target(learner: Learner, batch: Any) -> Any:
+    """Return the target in ``batch``, for the default loss and for the metrics.
+
+    The default is ``batch[1]`` for a tuple or list batch and ``None`` otherwise;
+    implement it for batches of another shape (``return batch["label"]``).
+    """
+
+
+@hookspec(firstresult=True)
 def compute_loss(learner: Learner, pred: Any, batch: Any) -> torch.Tensor:
-    """Return the loss for ``pred``. The default is ``learner.loss_func(pred, batch[1])``."""
+    """Return the loss for ``pred``: by default ``learner.loss_func(pred, target)`` with the
+    target from :func:`get_target`."""
 
 
 @hookspec(firstresult=True)

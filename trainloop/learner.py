@@ -19,6 +19,7 @@ _STEP_HOOKS = (
     "transfer_batch",
     "iter_train_data",
     "forward",
+    "get_target",
     "compute_loss",
     "backward",
     "should_step",
@@ -52,7 +53,8 @@ class Learner:
         optimizer: an Optimizer, or a callable that makes one from the model's
             parameters (such as ``functools.partial(torch.optim.SGD, lr=0.01)``).
         metrics: callables ``metric(pred, target) -> scalar`` giving the batch mean;
-            each is reported as ``valid_<name>`` with ``name = metric.__name__``,
+            each is reported as ``valid_<name>`` with ``name = metric.__name__``; the
+            target comes from the ``get_target`` step (``batch[1]`` by default),
             averaged over samples (so an uneven last batch counts for what it holds).
         plugins: plugin objects (instances, or modules with hook functions).
         run_dir: the run folder plugins write into, if any (the CLI sets it).
@@ -329,7 +331,7 @@ class Learner:
         batch = self.batch
         self.pred = self._forward(learner=self, batch=batch)
         self.loss = self._compute_loss(learner=self, pred=self.pred, batch=batch)
-        target = target_of(batch)
+        target = self._get_target(learner=self, batch=batch)
         values = [self.loss.detach().float().reshape(())]
         for metric in self.metric_funcs:
             value = torch.as_tensor(metric(self.pred, target), device=values[0].device)
@@ -440,8 +442,12 @@ class _CoreSteps:
         return learner.model(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
     @hookimpl(trylast=True)
+    def get_target(self, learner: Learner, batch: Any) -> Any:
+        return target_of(batch)
+
+    @hookimpl(trylast=True)
     def compute_loss(self, learner: Learner, pred: Any, batch: Any) -> torch.Tensor:
-        return learner.loss_func(pred, target_of(batch))
+        return learner.loss_func(pred, learner._get_target(learner=learner, batch=batch))
 
     @hookimpl(trylast=True)
     def backward(self, learner: Learner, loss: torch.Tensor) -> bool:
