@@ -541,3 +541,31 @@ def test_check_size_names_the_nearest_valid_sizes():
     )
     with pytest.raises(UsageError, match="use 16x16$"):
         check_size((10, 12), depth=4)
+
+
+def test_float_images_turns_uint8_batches_into_the_float32_dataset_values(generated):
+    import functools
+
+    from trainloop import Learner
+    from trainloop.data.carvana import FloatImages
+
+    ids = check_layout(generated).train_ids[:4]
+    as_float = CarvanaDataset(generated, ids, size=(96, 64))
+    as_uint8 = CarvanaDataset(generated, ids, size=(96, 64), dtype=torch.uint8)
+    learner = Learner(
+        torch.nn.Conv2d(3, 1, 1),
+        [],
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        plugins=[FloatImages()],
+    )
+    image8, mask8 = (torch.stack(items) for items in zip(*(as_uint8[i] for i in range(4))))
+    image, mask = learner.hook.transfer_batch(learner=learner, batch=(image8, mask8))
+    expected_image, expected_mask = (
+        torch.stack(items) for items in zip(*(as_float[i] for i in range(4)))
+    )
+    assert image.dtype == mask.dtype == torch.float32
+    assert torch.allclose(image, expected_image, atol=2 / 255)  # uint8 rounding in the resize
+    assert (mask != expected_mask).float().mean() < 0.01
+    test_batch = (image8, torch.arange(4))
+    _, indices = learner.hook.transfer_batch(learner=learner, batch=test_batch)
+    assert torch.equal(indices, torch.arange(4))  # a test batch's indices stay as they are
