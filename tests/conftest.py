@@ -60,3 +60,29 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def learner() -> Learner:
     return make_learner()
+
+
+TINY_RECIPE = """
+from dataclasses import dataclass
+import functools, torch
+from trainloop import Learner
+
+@dataclass
+class Config:
+    lr: float = 0.1
+
+def build(cfg):
+    torch.manual_seed(0)
+    inputs = torch.randn(32, 4)
+    target = (inputs.sum(1) > 0).long()
+    data = [(inputs[i:i + 8], target[i:i + 8]) for i in range(0, 32, 8)]
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.LogSoftmax(1))
+    return Learner(model, data, data, optimizer=functools.partial(torch.optim.SGD, lr=cfg.lr))
+"""
+
+
+def write_tiny_recipe(folder: Path) -> Path:
+    """Write a recipe file (4 batches of 8, validation on the same data, ``--lr``); return it."""
+    recipe = folder / "tiny.py"
+    recipe.write_text(TINY_RECIPE)
+    return recipe

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import textwrap
 
 import pytest
-from conftest import make_learner
+from conftest import make_learner, write_tiny_recipe
 
 from trainloop import PluginManager, RunConfig, UsageError, hookimpl
 from trainloop.cli import main
@@ -126,28 +125,8 @@ def test_the_cli_registers_the_plugin_only_with_a_patience(tmp_path):
     )
 
 
-TINY_RECIPE = """
-from dataclasses import dataclass
-import functools, torch
-from trainloop import Learner
-
-@dataclass
-class Config:
-    lr: float = 0.1
-
-def build(cfg):
-    torch.manual_seed(0)
-    inputs = torch.randn(32, 4)
-    target = (inputs.sum(1) > 0).long()
-    data = [(inputs[i:i + 8], target[i:i + 8]) for i in range(0, 32, 8)]
-    model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.LogSoftmax(1))
-    return Learner(model, data, data, optimizer=functools.partial(torch.optim.SGD, lr=cfg.lr))
-"""
-
-
 def test_on_the_command_line_a_run_that_stops_learning_ends_early(tmp_path, capsys):
-    recipe = tmp_path / "tiny.py"
-    recipe.write_text(textwrap.dedent(TINY_RECIPE))
+    recipe = write_tiny_recipe(tmp_path)
     out = tmp_path / "run"
     argv = ["run", str(recipe), "--out", str(out), "--epochs", "10", "--no-tensorboard"]
     argv += ["--lr", "0", "--early-stop-patience", "2"]  # lr 0: valid_loss never improves
@@ -158,8 +137,7 @@ def test_on_the_command_line_a_run_that_stops_learning_ends_early(tmp_path, caps
 
 
 def test_a_negative_patience_is_a_usage_error(tmp_path, capsys):
-    recipe = tmp_path / "tiny.py"
-    recipe.write_text(textwrap.dedent(TINY_RECIPE))
+    recipe = write_tiny_recipe(tmp_path)
     argv = ["run", str(recipe), "--out", str(tmp_path / "run"), "--early-stop-patience", "-1"]
     assert main(argv) == 2
     assert "--early-stop-patience -1: give a number of epochs" in capsys.readouterr().err

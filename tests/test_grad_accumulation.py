@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import textwrap
 
 import pytest
 import torch
+from conftest import write_tiny_recipe
 
 from trainloop import Learner, PluginManager, RunConfig
 from trainloop.cli import main
@@ -106,25 +106,7 @@ def test_the_reported_train_loss_is_the_batch_loss_not_divided_by_n():
 
 
 def test_accumulate_below_one_is_a_usage_error(tmp_path, capsys):
-    recipe = tmp_path / "tiny.py"
-    recipe.write_text(
-        textwrap.dedent(
-            """
-            from dataclasses import dataclass
-            import torch
-            from trainloop import Learner
-
-            @dataclass
-            class Config:
-                size: int = 4
-
-            def build(cfg):
-                data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
-                model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.LogSoftmax(1))
-                return Learner(model, data)
-            """
-        )
-    )
+    recipe = write_tiny_recipe(tmp_path)
     status = main(["run", str(recipe), "--out", str(tmp_path / "run"), "--accumulate", "0"])
     assert status == 2
     assert "--accumulate 0: give a number of batches, at least 1" in capsys.readouterr().err

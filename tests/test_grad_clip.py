@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import textwrap
 
 import pytest
 import torch
-from conftest import make_learner
+from conftest import make_learner, write_tiny_recipe
 
 from trainloop import PluginManager, RunConfig, UsageError, hookimpl
 from trainloop.cli import main
@@ -107,25 +106,7 @@ def test_the_cli_registers_the_clipper_only_when_asked(tmp_path):
 
 
 def test_a_non_positive_clip_is_a_usage_error_on_the_command_line(tmp_path, capsys):
-    recipe = tmp_path / "tiny.py"
-    recipe.write_text(
-        textwrap.dedent(
-            """
-            from dataclasses import dataclass
-            import torch
-            from trainloop import Learner
-
-            @dataclass
-            class Config:
-                size: int = 4
-
-            def build(cfg):
-                data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
-                model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.LogSoftmax(1))
-                return Learner(model, data)
-            """
-        )
-    )
+    recipe = write_tiny_recipe(tmp_path)
     status = main(["run", str(recipe), "--out", str(tmp_path / "run"), "--clip-grad-norm", "-1"])
     assert status == 2
     assert "--clip-grad-norm -1.0: give a positive number" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_learner
+from conftest import make_learner, write_tiny_recipe
 from torch.optim.lr_scheduler import (
     CosineAnnealingLR,
     OneCycleLR,
@@ -272,28 +272,8 @@ def test_the_cli_registers_a_scheduler_only_for_a_schedule(tmp_path):
     assert plateau.factory.mode == "max"
 
 
-TINY_RECIPE = """
-from dataclasses import dataclass
-import functools, torch
-from trainloop import Learner
-
-@dataclass
-class Config:
-    lr: float = 0.1
-
-def build(cfg):
-    torch.manual_seed(0)
-    inputs = torch.randn(32, 4)
-    target = (inputs.sum(1) > 0).long()
-    data = [(inputs[i:i + 8], target[i:i + 8]) for i in range(0, 32, 8)]
-    model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.LogSoftmax(1))
-    return Learner(model, data, data, optimizer=functools.partial(torch.optim.SGD, lr=cfg.lr))
-"""
-
-
 def test_the_cli_schedule_shows_in_metrics_jsonl_as_lr(tmp_path, capsys):
-    recipe = tmp_path / "tiny.py"
-    recipe.write_text(textwrap.dedent(TINY_RECIPE))
+    recipe = write_tiny_recipe(tmp_path)
     out = tmp_path / "run"
     argv = ["run", str(recipe), "--out", str(out), "--epochs", "3", "--no-tensorboard"]
     argv += ["--lr-schedule", "step", "--lr-step-size", "1", "--lr-gamma", "0.5"]
@@ -311,8 +291,7 @@ def test_the_cli_schedule_shows_in_metrics_jsonl_as_lr(tmp_path, capsys):
     ],
 )
 def test_bad_schedule_options_are_usage_errors(tmp_path, capsys, option, value, message):
-    recipe = tmp_path / "tiny.py"
-    recipe.write_text(textwrap.dedent(TINY_RECIPE))
+    recipe = write_tiny_recipe(tmp_path)
     argv = ["run", str(recipe), "--out", str(tmp_path / "run"), "--lr-schedule", "step"]
     assert main([*argv, option, value]) == 2
     assert message in capsys.readouterr().err
@@ -328,8 +307,7 @@ def on_epoch_end(learner):
 def test_a_run_resumed_with_the_checkpoint_plugin_continues_the_schedule(
     tmp_path, capsys, monkeypatch
 ):
-    recipe = tmp_path / "tiny.py"
-    recipe.write_text(textwrap.dedent(TINY_RECIPE))
+    recipe = write_tiny_recipe(tmp_path)
     (tmp_path / "stop_after_epoch_1.py").write_text(textwrap.dedent(STOPPER))
     monkeypatch.syspath_prepend(str(tmp_path))
     common = ["run", str(recipe), "--epochs", "4", "--no-tensorboard", "--lr-schedule", "cosine"]
