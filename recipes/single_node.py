@@ -8,11 +8,12 @@ folder gets ``error_surface.png``: E(w, b) as a heat map with the descent path o
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from trainloop import Learner, hookimpl
+from trainloop import Learner, UsageError, hookimpl
 from trainloop.neuron import draw_error_surface
 
 
@@ -71,7 +72,22 @@ class DescentPath:
             draw_error_surface(picture, self.cfg.x, self.cfg.target, self.path)
 
 
+def _check(cfg: Config) -> None:
+    for option, value in (("--x", cfg.x), ("--w", cfg.w), ("--b", cfg.b)):
+        if not math.isfinite(value):
+            raise UsageError(f"{option} {value}: use a finite number")
+    if not 0.0 < cfg.target < 1.0:
+        raise UsageError(
+            f"--target {cfg.target}: use a number between 0 and 1, the outputs a sigmoid has"
+        )
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise UsageError(f"--lr {cfg.lr}: use a positive step size, such as 0.5")
+    if cfg.steps_per_epoch < 1:
+        raise UsageError(f"--steps-per-epoch {cfg.steps_per_epoch}: use 1 or more")
+
+
 def build(cfg: Config) -> Learner:
+    _check(cfg)
     sample = (torch.tensor([cfg.x]), torch.tensor([cfg.target]))
     return Learner(
         Neuron(cfg.w, cfg.b),

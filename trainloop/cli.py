@@ -90,11 +90,20 @@ def _dispatch(argv: list[str]) -> int:
     return run(argv[1:])
 
 
+class _PluginSpecs(list):
+    """The ``-p`` values in order, carrying ``--strict-plugins`` along to ``load_plugins``."""
+
+    strict = False
+
+
 def _plugin_selection(argv: list[str], prog: str) -> tuple[argparse.Namespace, list[str]]:
     """Parse the options that decide which plugins load, before the plugins add theirs."""
     early = _Parser(prog=prog, add_help=False, allow_abbrev=False)
     _add_selection_options(early)
-    return early.parse_known_args(argv)
+    selection, rest = early.parse_known_args(argv)
+    selection.plugins = _PluginSpecs(selection.plugins)
+    selection.plugins.strict = selection.strict_plugins
+    return selection, rest
 
 
 def _add_selection_options(parser: argparse.ArgumentParser) -> None:
@@ -107,11 +116,23 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="enable a plugin by name or module:attr; -p no:NAME disables one",
     )
+    group.add_argument(
+        "--strict-plugins",
+        action="store_true",
+        help="stop if an installed plugin fails to load (by default: a warning, and go on)",
+    )
     group.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def load_plugins(specs: list[str]) -> PluginManager:
-    """A plugin manager with the built-ins, entry points and ``-p`` plugins loaded."""
+def load_plugins(specs: list[str], strict: bool | None = None) -> PluginManager:
+    """A plugin manager with the built-ins, entry points and ``-p`` plugins loaded.
+
+    An installed plugin that fails to load is left out with a one-line warning (on the
+    first process only), or, when ``strict`` (``--strict-plugins``), is a UsageError.
+    ``strict`` defaults to what ``_plugin_selection`` parsed along with ``specs``.
+    """
+    if strict is None:
+        strict = getattr(specs, "strict", False)
     manager = PluginManager()
     for spec in specs:
         if spec.startswith("no:"):
@@ -122,6 +143,19 @@ def load_plugins(specs: list[str]) -> PluginManager:
     for spec in specs:
         if not spec.startswith("no:"):
             manager.load_by_spec(spec)
+    for failure in manager.failed.values():
+        remedy = f"switch it off with -p no:{failure.name} or {DISABLE_AUTOLOAD}=1"
+        if strict:
+            raise UsageError(
+                f"{failure.describe()}; --strict-plugins stops here: fix or uninstall"
+                f" {failure.distribution.rpartition(' ')[0]}, or {remedy}"
+            )
+        if os.environ.get("RANK", "0") == "0":  # torchrun's other processes stay quiet
+            print(
+                f"trainloop: warning: {failure.describe()}; going on without it ({remedy})",
+                file=sys.stderr,
+                flush=True,
+            )
     return manager
 
 
@@ -129,17 +163,26 @@ def list_plugins(argv: list[str]) -> int:
     """``trainloop plugins``: a table of name, origin and implemented hooks."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    selection, rest = _plugin_selection(argv, "trainloop plugins")
-    if rest:
-        raise UsageError(f"unknown option(s) {' '.join(rest)} (see 'trainloop plugins --help')")
-    manager = load_plugins(selection.plugins)
+    parser = _Parser(
+        prog="trainloop plugins",
+        description="List the plugins a run with these options loads: each one's name,"
+        " where it comes from, and the hooks it implements.",
+        allow_abbrev=False,
+    )
+    _add_selection_options(parser)
+    selection = parser.parse_args(argv)
+    manager = load_plugins(selection.plugins, strict=selection.strict_plugins)
     table = Table("plugin", "origin", "hooks", title="trainloop plugins")
     for name, plugin in manager.list_name_plugin():
         if plugin is None:
             continue
         hooks = ", ".join(manager.implemented_hooks(plugin))
         table.add_row(name, manager.origins.get(name, "?"), hooks)
+    for failure in manager.failed.values():
+        reason = Text(f"failed to load: {failure.error}", style="red")
+        table.add_row(failure.name, f"entry point ({failure.distribution})", reason)
     Console(width=max(120, Console().width)).print(table)
     return 0
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
+import importlib.metadata
 import inspect
 import pkgutil
 from collections.abc import Callable
@@ -37,6 +39,33 @@ def builtin_plugin_names() -> list[str]:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class FailedPlugin:
+    """An installed entry-point plugin that could not be loaded, and why."""
+
+    name: str
+    """The entry point's name, which ``-p no:NAME`` switches off."""
+    entry_point: str
+    """The entry point as declared: ``name = module:attr``."""
+    distribution: str
+    """The distribution that declares it, with its version: ``trainloop-foo 1.2``."""
+    error: str
+    """The error, on one line: ``ModuleNotFoundError: No module named 'foo'``."""
+
+    def describe(self) -> str:
+        """One line naming the plugin, where it comes from and the error."""
+        return (
+            f"plugin {self.name!r} (entry point '{self.entry_point}' of {self.distribution})"
+            f" failed to load: {self.error}"
+        )
+
+
+def one_line(error: BaseException) -> str:
+    """``error`` as ``Type: message`` on one line."""
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 class PluginManager(pluggy.PluginManager):
     """A pluggy PluginManager with trainloop's hook specs and rules.
 
@@ -45,12 +74,15 @@ class PluginManager(pluggy.PluginManager):
     * A hook implementation whose name matches no hook is an error at registration,
       as :class:`~trainloop.UsageError` naming the plugin and the bad name.
     * Functions named ``on_*`` are hook implementations without ``@hookimpl``.
+    * ``failed[name]`` holds the entry-point plugins that could not be loaded
+      (:class:`FailedPlugin`): one broken installed package does not stop the others.
     """
 
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT)
         self.add_hookspecs(hookspecs)
         self.origins: dict[str, str] = {}
+        self.failed: dict[str, FailedPlugin] = {}
         self._listeners: list[Callable[[], None]] = []
 
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
@@ -116,17 +148,40 @@ class PluginManager(pluggy.PluginManager):
                 module = importlib.import_module(f"trainloop.plugins.{name}")
                 self.register(module, name, origin="built-in")
 
-    def load_entry_points(self) -> None:
-        """Register the plugins that installed distributions declare in group ``trainloop``."""
-        before = set(self.origins)
-        self.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        for plugin, dist in self.list_plugin_distinfo():
-            name = self.get_name(plugin)
-            if name is not None and name not in before:
-                self.origins[name] = f"entry point ({dist.project_name} {dist.version})"
+    def load_entry_points(self, name: str | None = None) -> list[FailedPlugin]:
+        """Register the plugins that installed distributions declare in group ``trainloop``.
+
+        Like pluggy's ``load_setuptools_entrypoints`` (blocked and registered names are
+        skipped), except that a plugin that fails to import or to register is left out
+        and returned, and kept in ``failed``, instead of stopping the others. ``name``
+        loads only the entry point of that name.
+        """
+        failures = []
+        for dist in importlib.metadata.distributions():
+            for entry in dist.entry_points:
+                if (
+                    entry.group != ENTRY_POINT_GROUP
+                    or (name is not None and entry.name != name)
+                    or self.has_plugin(entry.name)
+                    or self.is_blocked(entry.name)
+                    or entry.name in self.failed
+                ):
+                    continue
+                origin = f"{dist.metadata['name']} {dist.version}"
+                try:
+                    self.register(entry.load(), entry.name, origin=f"entry point ({origin})")
+                except Exception as error:  # a broken package must not stop the others
+                    reason = str(error) if isinstance(error, UsageError) else one_line(error)
+                    failure = FailedPlugin(
+                        entry.name, f"{entry.name} = {entry.value}", origin, reason
+                    )
+                    self.failed[entry.name] = failure
+                    failures.append(failure)
+        return failures
 
     def load_by_spec(self, spec: str) -> None:
-        """Handle one ``-p`` value: ``no:NAME`` blocks, ``NAME`` or ``module:attr`` adds."""
+        """Handle one ``-p`` value: ``no:NAME`` blocks; ``NAME`` (an entry point's), a
+        module or ``module:attr`` adds. Each failure is a UsageError naming the value."""
         if spec.startswith("no:"):
             name = spec[3:]
             if self.has_plugin(name):
@@ -135,14 +190,25 @@ class PluginManager(pluggy.PluginManager):
             return
         if self.has_plugin(spec):
             return
+        if spec not in self.failed:
+            self.load_entry_points(name=spec)  # an entry point named with -p loads all the same
+        if spec in self.failed:
+            raise UsageError(f"-p {spec}: {self.failed[spec].describe()}")
+        if self.has_plugin(spec):
+            return
         module_name, _, attribute = spec.partition(":")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as error:
+        except ModuleNotFoundError as error:
+            missing = error.name or ""
+            if module_name != missing and not module_name.startswith(f"{missing}."):
+                raise UsageError(_import_failed(spec, module_name, error)) from None
             raise UsageError(
                 f"-p {spec}: no such plugin: not built in ({', '.join(builtin_plugin_names())}),"
                 f" not an installed entry point, and not an importable module ({error})"
             ) from None
+        except Exception as error:
+            raise UsageError(_import_failed(spec, module_name, error)) from None
         plugin: Any = module
         if attribute:
             try:
@@ -188,6 +254,10 @@ class PluginManager(pluggy.PluginManager):
         if found is None:
             return None
         return f"plugin {found[0]!r} raised it in hook {found[1]!r}"
+
+
+def _import_failed(spec: str, module_name: str, error: BaseException) -> str:
+    return f"-p {spec}: module {module_name!r} was found but importing it failed: {one_line(error)}"
 
 
 def _hooks_of_class(manager: PluginManager, cls: type) -> set[str]:

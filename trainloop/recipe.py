@@ -24,6 +24,10 @@ from trainloop.errors import UsageError
 def load_recipe(path: str | Path) -> types.ModuleType:
     """Import the recipe file at ``path`` and check that it has ``Config`` and ``build``."""
     path = Path(path)
+    if path.is_dir():
+        files = sorted(str(file) for file in path.glob("*.py") if not file.name.startswith("_"))
+        such_as = f" ({', '.join(files[:5])}{', ...' if len(files) > 5 else ''})" if files else ""
+        raise UsageError(f"recipe {path} is a folder, not a file: give a recipe .py file{such_as}")
     if not path.is_file():
         raise UsageError(f"recipe {path} does not exist: give the path of a recipe .py file")
     name = f"trainloop_recipe_{path.stem}"
