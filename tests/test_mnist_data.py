@@ -190,6 +190,16 @@ def test_labels_above_nine_are_reported(tmp_path):
         load_mnist(tmp_path, download=False)
 
 
+@pytest.mark.parametrize("split", ["train", "t10k"])
+def test_a_file_of_zero_samples_is_named(tmp_path, split):
+    raw_dir = tmp_path / "MNIST" / "raw"
+    sizes = {"n_train": 0, "n_test": 10} if split == "train" else {"n_train": 10, "n_test": 0}
+    write_idx_files(raw_dir, **sizes, gz=False)
+
+    with pytest.raises(UsageError, match=f"{raw_dir / split}-images-idx3-ubyte holds 0 samples"):
+        load_mnist(tmp_path, download=False)
+
+
 @pytest.fixture
 def mirror(tmp_path, monkeypatch):
     """A local HTTP mirror of small MNIST .gz files, patched into torchvision's MNIST."""

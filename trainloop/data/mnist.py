@@ -57,7 +57,7 @@ def load_mnist(
 
     Raises:
         UsageError: files are missing (and ``download`` is false or fails), or one is
-            corrupt; the message names the files and the folder they belong in.
+            corrupt or empty; the message names the files and the folder they belong in.
 
     Example:
         >>> train_x, train_y, test_x, test_y = load_mnist(Path("data"), download=True)  # doctest: +SKIP
@@ -73,6 +73,11 @@ def load_mnist(
         _download(data_dir)
 
     counts = {name: _check_idx_file(raw_dir / name) for name in IDX_FILES}
+    for name, count in counts.items():
+        if count == 0:  # torchvision cannot read an empty IDX file (a numpy ValueError)
+            raise UsageError(
+                f"MNIST file {raw_dir / name} holds 0 samples; replace it with an intact copy."
+            )
     for split in ("train", "t10k"):
         images, labels = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
         if counts[images] != counts[labels]:
