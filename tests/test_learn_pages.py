@@ -10,12 +10,13 @@ How a page is checked (the convention the pages are written to):
   working directory that holds a link ``recipes`` to the repository's recipes. Their
   standard output is captured. A traceback points at the page's own line numbers.
 * A ``text`` block is the printed output of the ``python`` block right above it (only
-  blank lines between). It is compared with the captured output as doctest compares
-  output with ``ELLIPSIS``: ``...`` matches any text, across lines too; trailing spaces
-  are ignored. A ``text`` block anywhere else fails the test.
+  blank lines between). It is compared with the captured output in full, by the rule of
+  ``tests/docs_output.py`` (``0.93±0.02`` for a number that varies a little, ``*`` for
+  a path or a timing, a ``... (why)`` line for lines left out and why). A ``text``
+  block anywhere else fails the test.
 * In a ``console`` block, a line starting with ``$ `` is a command and the lines up to
-  the next command are its expected output (same comparison; no lines: only the exit
-  status is checked). Commands must be ``trainloop ...``, optionally after
+  the next command are its expected output (the same comparison; no lines: only the
+  exit status is checked). Commands must be ``trainloop ...``, optionally after
   ``NAME=value`` environment settings (``PYTHONPATH=.``). They run in process through
   ``trainloop.cli.main``, in the page's working directory and in document order with
   the python blocks, and must exit with status 0.
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import doctest
 import io
 import math
 import os
@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from docs_output import mismatch as output_mismatch
 from PIL import Image
 
 from trainloop import cli
@@ -61,7 +62,6 @@ LANGUAGES = {"python", "text", "console", ""}  # "": formulas, shown as they are
 PARSE_ONLY = "<!-- parse-only -->"  # the same marker as the rest of the docs
 FILE_MARKER = re.compile(r"<!-- learn-test: file ([\w.]+\.py) -->")
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^`]*)$")
-CHECKER = doctest.OutputChecker()
 
 
 class PageError(AssertionError):
@@ -129,18 +129,9 @@ def parse_blocks(text: str, source: str) -> list[Block]:
     return blocks
 
 
-def output_matches(want: str, got: str) -> bool:
-    """doctest's comparison with ELLIPSIS, ignoring trailing spaces and blank lines."""
-
-    def tidy(text: str) -> str:
-        return "\n".join(line.rstrip() for line in text.strip("\n").splitlines()) + "\n"
-
-    return CHECKER.check_output(tidy(want), tidy(got), doctest.ELLIPSIS)
-
-
-def mismatch(source: str, line: int, what: str, want: str, got: str) -> PageError:
+def mismatch(source: str, line: int, what: str, want: str, got: str, why: str) -> PageError:
     return PageError(
-        f"{source}:{line}: {what} printed something else than the page shows.\n"
+        f"{source}:{line}: {what} printed something else than the page shows ({why}).\n"
         f"--- the page shows ---\n{want}--- it printed ---\n{got}"
     )
 
@@ -254,13 +245,14 @@ def run_page(path: Path, workdir: Path, monkeypatch) -> PageRun:
                         "python block whose output it shows"
                     )
                 got = outputs[id(block.follows)]
-                if not output_matches(block.code, got):
+                if why := output_mismatch(block.code, got):
                     raise mismatch(
                         source,
                         block.line,
                         f"the block at line {block.follows.line}",
                         block.code,
                         got,
+                        why,
                     )
             elif block.language == "console":
                 parse_only = block.marker == PARSE_ONLY
@@ -271,8 +263,8 @@ def run_page(path: Path, workdir: Path, monkeypatch) -> PageRun:
                         line, command, parse_only, source, workdir, monkeypatch
                     )
                     result.commands.append((words, got))
-                    if want.strip() and not output_matches(want + "\n", got):
-                        raise mismatch(source, line, f"'{command}'", want + "\n", got)
+                    if want.strip() and (why := output_mismatch(want, got)):
+                        raise mismatch(source, line, f"'{command}'", want + "\n", got, why)
     except Skipped as reason:
         result.skipped = str(reason)
     finally:
@@ -351,16 +343,28 @@ def test_a_wrong_printed_value_fails_and_names_the_line(tmp_path, monkeypatch):
         run_page(page, work, monkeypatch)
 
 
-def test_ellipsis_matches_any_text_and_blocks_share_one_namespace(tmp_path, monkeypatch):
+def test_numbers_within_their_tolerance_match_and_blocks_share_one_namespace(tmp_path, monkeypatch):
     page = write_page(
         tmp_path,
         "```python\nvalue = 0.98765\n```\n\nProse.\n\n"
-        "```python\nprint(f'accuracy {value}')\nprint('done')\n```\n\n```text\naccuracy 0.9...\ndone\n```\n",
+        "```python\nprint(f'accuracy {value} in 3.2s')\nprint('done')\n```\n\n"
+        "```text\naccuracy 0.99±0.01 in *s\ndone\n```\n",
     )
     work = tmp_path / "work"
     work.mkdir()
     result = run_page(page, work, monkeypatch)
-    assert result.outputs == ["", "accuracy 0.98765\ndone\n"]
+    assert result.outputs == ["", "accuracy 0.98765 in 3.2s\ndone\n"]
+
+
+def test_a_number_out_of_its_tolerance_or_an_unexplained_elision_fails(tmp_path, monkeypatch):
+    for shown, why in [("0.97±0.01\ndone", "does not match"), ("...\ndone", "must say why")]:
+        page = write_page(
+            tmp_path, f"```python\nprint(0.98765)\nprint('done')\n```\n\n```text\n{shown}\n```\n"
+        )
+        work = tmp_path / f"work{len(shown)}"
+        work.mkdir()
+        with pytest.raises(PageError, match=why):
+            run_page(page, work, monkeypatch)
 
 
 def test_an_output_block_after_prose_is_refused(tmp_path, monkeypatch):
