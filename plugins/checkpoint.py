@@ -100,6 +100,7 @@ import torch
 
 from trainloop import Learner, RunConfig, UsageError, hookimpl
 from trainloop.monitor import Monitor, add_monitor_options
+from trainloop.run_folder import RunFileError, is_environment_error, write_error
 
 FORMAT = "trainloop-checkpoint"
 VERSION = 1
@@ -107,6 +108,12 @@ CHECKPOINT_KEY = "checkpoint"
 LAST = "last"
 BEST = "best"
 _REQUIRED_KEYS = ("model", "optimizer", "learner", "rng")
+RUN_ONLY_OPTIONS = frozenset({"resume", "out", "overwrite", "debug", "strict_plugins"})
+"""Options that say how to start this process, not what the run is: never compared."""
+FIXED_ON_RESUME = frozenset({"seed"})
+"""Options a resume cannot honour in any recipe: the random streams come from the checkpoint."""
+LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+"""Optimizer hyperparameters that a schedule scales: a changed value rescales them."""
 
 
 @hookimpl
@@ -165,8 +172,19 @@ def configure(config: RunConfig) -> None:
         resume=resume,
         write=config.is_main_process,
     )
+    plugin.options = {
+        key: value for key, value in json_safe(vars(options)).items() if key not in RUN_ONLY_OPTIONS
+    }
     plugin.read_resume()  # a bad file fails now, before the recipe loads its data
     config.plugin_manager.register(plugin, "checkpoint.writer")
+
+
+@hookimpl
+def check_run(config: RunConfig, learner: Learner) -> None:
+    plugin = config.plugin_manager.get_plugin("checkpoint.writer")
+    if plugin is not None and plugin.resume is not None:
+        config.resumed_from = plugin.resume
+        config.changed_options = plugin.check_resume(learner)
 
 
 class Checkpoint:
@@ -214,7 +232,9 @@ class Checkpoint:
         self.resume = Path(resume) if resume is not None else None
         self.resumed_from: Path | None = None
         self.write = write
+        self.options: dict[str, Any] | None = None  # the run's options (set by configure)
         self.kept: list[tuple[float, int]] = []  # (value, epoch) of the best kept, best first
+        self.optimizer_start: list[dict[str, Any]] | None = None
         self._resume_checkpoint: dict[str, Any] | None = None
         self._epoch_rng: dict[str, Any] | None = None
         self._resume_rng: dict[str, Any] | None = None
@@ -241,11 +261,63 @@ class Checkpoint:
             self.directory.mkdir(parents=True, exist_ok=True)
             for stale in self.directory.glob(".*.tmp"):  # left by a process killed mid-write
                 stale.unlink(missing_ok=True)
+        self.optimizer_start = optimizer_hyperparameters(learner.optimizer)
         if self.resume is not None:  # the first fit only: a later fit starts afresh
             self.read_resume()
             checkpoint, self._resume_checkpoint = self._resume_checkpoint, None
             self._restore(learner, checkpoint)
             self.resumed_from, self.resume = self.resume, None
+
+    def check_resume(self, learner: Learner) -> dict[str, list[Any]]:
+        """Check that the ``resume`` checkpoint can continue in ``learner``, before ``fit``.
+
+        Compares the run's options (and the recipe's Config) with those the checkpoint
+        was written under. Returns ``{option: [old, new]}`` of those that changed and
+        will apply, after printing them in one line. Raises
+        :class:`~trainloop.UsageError` for a change the resume cannot honour: the seed,
+        a Config field marked ``metadata={"resume": "fixed"}``, the model's shape, the
+        optimizer's parameters, or the batches of an epoch resumed in its middle.
+        """
+        self.read_resume()
+        checkpoint = self._resume_checkpoint
+        where = f"--resume {self.resume}"
+        changed = changed_options(checkpoint, self.options, learner.config)
+        shown = ", ".join(
+            f"{_flag(name)} {_show(old)} -> {_show(new)}" for name, (old, new) in changed.items()
+        )
+        fixed = [name for name in changed if name in FIXED_ON_RESUME | _fixed_fields(learner)]
+        if fixed:
+            raise UsageError(
+                f"{where}: {', '.join(_flag(name) for name in fixed)} cannot change on a resume "
+                f"(changed: {shown}); resume with the values it was written with, or start a "
+                "fresh run"
+            )
+        mismatch = _model_mismatch(unwrap_model(learner.model), checkpoint["model"])
+        if mismatch:
+            because = f" (changed: {shown})" if shown else ""
+            raise UsageError(
+                f"{where}: its weights do not fit this model ({mismatch}){because}; resume with "
+                "the recipe and options that wrote it"
+            )
+        saved_groups = checkpoint["optimizer"].get("param_groups", [])
+        groups = learner.optimizer.param_groups
+        if [len(group["params"]) for group in saved_groups] != [len(g["params"]) for g in groups]:
+            raise UsageError(
+                f"{where}: its optimizer state does not fit this optimizer ({len(saved_groups)} "
+                f"parameter groups there, {len(groups)} here); resume with the recipe that wrote it"
+            )
+        saved_batches, batches = checkpoint.get("train_batches"), _length(learner.train_data)
+        stopped_after = int(checkpoint["learner"]["iteration"])
+        if stopped_after and saved_batches is not None and batches != saved_batches:
+            because = f" (changed: {shown})" if shown else ""
+            raise UsageError(
+                f"{where}: it stopped after batch {stopped_after} of an epoch of {saved_batches} "
+                f"batches, and an epoch now has {batches}{because}; resume with the same data "
+                "and batch size, or from a checkpoint taken at an epoch end"
+            )
+        if changed and self.write:
+            print(f"resume: options changed since the checkpoint, applied: {shown}", flush=True)
+        return changed
 
     def _restore(self, learner: Learner, checkpoint: dict[str, Any]) -> None:
         where = f"--resume {self.resume}"
@@ -262,6 +334,8 @@ class Checkpoint:
             raise UsageError(
                 f"{where}: its optimizer state does not fit this optimizer ({_one_line(error)})"
             ) from None
+        saved_start = (checkpoint.get(CHECKPOINT_KEY) or {}).get("optimizer_start")
+        apply_hyperparameters(learner.optimizer, saved_start, self.optimizer_start)
         learner.load_state_dict(checkpoint["learner"])
         self._epoch_rng = checkpoint.get("epoch_rng")
         self._resume_rng = checkpoint["rng"]
@@ -347,6 +421,7 @@ class Checkpoint:
         checkpoint[CHECKPOINT_KEY] = {
             "kept_best": [[value, epoch] for value, epoch in self.kept],
             "monitor": self.monitor.state_dict() if self.monitor is not None else None,
+            "optimizer_start": self.optimizer_start,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -386,11 +461,18 @@ class Checkpoint:
             "rng": capture_rng_state(learner.train_data),
             "epoch_rng": self._epoch_rng if epoch_rng and state["iteration"] else None,
             "config": json_safe(config) if config is not None else None,
+            "options": self.options,
+            "train_batches": _length(learner.train_data),
         }
         # The NaN guard checks here (tryfirst) and raises before anything is written.
         learner.hook.on_save_checkpoint(learner=learner, checkpoint=checkpoint)
         path = self._dir(learner) / f"{name}.pt"
-        atomic_save(checkpoint, path)
+        try:
+            atomic_save(checkpoint, path)
+        except RunFileError as error:
+            last = self._dir(learner) / f"{LAST}.pt"
+            good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint yet"
+            raise RunFileError(f"{error}; {good}") from None
         if name == LAST:
             self._last_written = _resume_point(state)
         return path
@@ -483,6 +565,119 @@ def monitored_value(monitor: Monitor, learner: Learner) -> float | None:
         if monitor.metric.startswith("valid_"):
             return None
     return monitor.value(learner.metrics)
+
+
+# --- what changed on a resume ----------------------------------------------------------
+
+
+def changed_options(
+    checkpoint: dict[str, Any], options: dict[str, Any] | None, config: Any
+) -> dict[str, list[Any]]:
+    """``{name: [old, new]}`` for each option or Config field that differs from the
+    checkpoint's (options it did not record are not compared)."""
+    now: dict[str, Any] = {}
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        now.update(json_safe(dataclasses.asdict(config)))
+    now.update(options or {})
+    saved = dict(checkpoint.get("config") or {})
+    saved.update(checkpoint.get("options") or {})
+    return {
+        name: [saved[name], value]
+        for name, value in now.items()
+        if name in saved and saved[name] != value and name not in RUN_ONLY_OPTIONS
+    }
+
+
+def _fixed_fields(learner: Learner) -> set[str]:
+    config = learner.config
+    if not (dataclasses.is_dataclass(config) and not isinstance(config, type)):
+        return set()
+    return {
+        field.name
+        for field in dataclasses.fields(config)
+        if field.metadata.get("resume") == "fixed"
+    }
+
+
+def _model_mismatch(model: torch.nn.Module, saved: dict[str, Any]) -> str:
+    """What keeps ``saved`` from loading into ``model``, in a few words ('' when it fits)."""
+    state = model.state_dict()
+    missing = [name for name in state if name not in saved]
+    unexpected = [name for name in saved if name not in state]
+    shapes = [
+        f"{name}: {_shape(saved[name])} in the checkpoint, {_shape(value)} here"
+        for name, value in state.items()
+        if name in saved and hasattr(value, "shape") and saved[name].shape != value.shape
+    ]
+    parts = []
+    if shapes:
+        parts.append(
+            "; ".join(shapes[:2]) + (f"; {len(shapes) - 2} more" if len(shapes) > 2 else "")
+        )
+    if missing:
+        parts.append(f"not in the checkpoint: {', '.join(missing[:3])}")
+    if unexpected:
+        parts.append(f"not in this model: {', '.join(unexpected[:3])}")
+    return "; ".join(parts)
+
+
+def _shape(tensor: Any) -> str:
+    return "x".join(str(size) for size in tensor.shape) or "scalar"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def _length(data: Any) -> int | None:
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings (``lr``, ``momentum``, ...), without the parameters."""
+    return [
+        {key: json_safe(value) for key, value in group.items() if key != "params"}
+        for group in optimizer.param_groups
+    ]
+
+
+def apply_hyperparameters(
+    optimizer: torch.optim.Optimizer,
+    saved_start: list[dict[str, Any]] | None,
+    start: list[dict[str, Any]] | None,
+) -> None:
+    """Give a just-restored optimizer the settings the resumed run asks for.
+
+    ``saved_start`` holds the settings the checkpoint's run started with, ``start`` those
+    this run started with. A setting that differs between them was changed on purpose:
+    it is set. Learning rates (``lr`` and the ``initial_lr``/``max_lr``/``min_lr`` that
+    schedules keep) are scaled by ``new / old``, so a schedule in progress continues
+    from the same point at the new scale (with no schedule, the lr is the new value).
+    """
+    if not saved_start or not start or len(saved_start) != len(start):
+        return
+    for group, old, new in zip(optimizer.param_groups, saved_start, start):
+        for key, value in new.items():
+            if key not in group or old.get(key) == value:
+                continue
+            before = old.get(key)
+            if key in LR_KEYS and _positive(before) and _positive(value):
+                group[key] = group[key] * (value / before)
+            else:
+                group[key] = tuple(value) if isinstance(group[key], tuple) else value
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -608,21 +803,39 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     The data goes to a temporary file in the same folder, which is flushed and fsynced
     and then renamed over ``path`` (``os.replace`` is atomic); the folder is fsynced
     last so that the rename survives a power cut. If anything fails, ``path`` keeps
-    its previous content and the temporary file is removed.
+    its previous content and the temporary file is removed. A full disk or a missing
+    permission raises :class:`~trainloop.run_folder.RunFileError`, one line naming the
+    file and the cause.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary, file = _open_temp(path.name, path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary, file = _open_temp(path.name, path.parent)
+    except OSError as error:
+        raise _environment(error, path) from None
     try:
         with file:
-            torch.save(obj, file)
+            try:
+                torch.save(obj, file)
+            except RuntimeError as error:  # torch's zip writer hides the OSError it hit
+                if isinstance(error.__context__, OSError):
+                    raise error.__context__ from None
+                raise
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise _environment(error, path) from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def _environment(error: OSError, path: Path) -> OSError:
+    """A full disk or a permission problem as a one-line :class:`RunFileError`; else ``error``."""
+    return write_error(path, error) if is_environment_error(error) else error
 
 
 def atomic_copy(source: str | Path, destination: str | Path) -> None:

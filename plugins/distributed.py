@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import datetime
 import math
 import os
 import subprocess
@@ -56,6 +55,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 from trainloop import Learner, RunConfig, UsageError, hookimpl
 from trainloop.data.tensors import TensorBatches
 from trainloop.plugins.device import Compile
+from trainloop.run_folder import new_run_dir
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -88,7 +88,7 @@ def make_run_dir(options: argparse.Namespace, recipe_path: Path) -> Path | None:
         return None
     device = local_device(getattr(options, "device", "auto"))
     init_process_group(options.dist_backend, device)
-    chosen = [str(_new_run_dir(recipe_path)) if dist.get_rank() == 0 else None]
+    chosen = [str(new_run_dir(recipe_path)) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(chosen, src=0)
     return Path(chosen[0])
 
@@ -164,15 +164,6 @@ def destroy_process_group() -> None:
     """Leave the process group, if this process is in one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _new_run_dir(recipe_path: Path) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / Path(recipe_path).stem / stamp
-    candidate, number = base, 2
-    while candidate.exists():
-        candidate, number = base.with_name(f"{stamp}-{number}"), number + 1
-    return candidate
 
 
 # --- the --nproc-per-node shortcut -----------------------------------------------------

@@ -67,6 +67,16 @@ from trainloop.monitor import Monitor, add_monitor_options
 SCHEDULES = ("none", "cosine", "onecycle", "step", "plateau")
 CHECKPOINT_KEY = "scheduler"
 EPOCH_LR_KEY = "scheduler_epoch_lr"  # the ``lr`` metric of the epoch in progress
+SHAPE_KEYS = (
+    "T_max",
+    "total_steps",
+    "_schedule_phases",
+    "step_size",
+    "gamma",
+    "factor",
+    "patience",
+)
+"""Scheduler attributes that a resume takes from this run's options, not the checkpoint."""
 Factory = Callable[..., Any]
 
 
@@ -224,9 +234,35 @@ class LRScheduler:
         if learner.iteration:  # resumed in the middle of an epoch: its lr is the one it began with
             self._resumed_epoch_lr = checkpoint.get(EPOCH_LR_KEY)
         if self._fitting and self.scheduler is not None:
-            self.scheduler.load_state_dict(state)
+            self._load_keeping_shape(learner, state)
         else:  # loaded before fit: applied to the scheduler that fit makes
             self._pending_state = state
+
+    def _load_keeping_shape(self, learner: Learner, state: dict[str, Any]) -> None:
+        """Restore the schedule's position, but keep the shape this run asks for.
+
+        A resume with more ``--epochs`` (or another ``--lr-step-size``, ``--lr-gamma``)
+        rebuilds the schedule: its length and factors are this run's, its step count the
+        checkpoint's, and the learning rates follow the new schedule from that step on.
+        Base learning rates come from the optimizer, which the checkpoint plugin has
+        given any new ``--lr``.
+        """
+        fresh = self.scheduler.state_dict()
+        self.scheduler.load_state_dict(state)
+        reshaped = False
+        for key in SHAPE_KEYS:
+            if key in fresh and fresh[key] != state.get(key):
+                setattr(self.scheduler, key, fresh[key])
+                reshaped = True
+        groups = learner.optimizer.param_groups
+        if hasattr(self.scheduler, "base_lrs") and all("initial_lr" in g for g in groups):
+            self.scheduler.base_lrs = [group["initial_lr"] for group in groups]
+        closed_form = getattr(self.scheduler, "_get_closed_form_lr", None)
+        if reshaped and closed_form is not None:
+            for group, lr in zip(groups, closed_form()):
+                group["lr"] = lr
+        if hasattr(self.scheduler, "_last_lr"):
+            self.scheduler._last_lr = [group["lr"] for group in groups]
 
     # --- helpers -----------------------------------------------------------------------
 

@@ -3,17 +3,22 @@
 Each line holds ``epoch`` and every key of ``learner.metrics`` (``train_loss``,
 ``valid_loss``, ``valid_<metric>``, and what plugins add, such as ``lr``). Non-finite
 values are written as ``null``, so every line is strict JSON. On a resumed run, lines
-for epochs that are run again are dropped first, so each epoch appears once.
+for epochs that are run again are dropped first, so each epoch appears once, and a line
+that is not JSON (the last one cut off by a full disk or a kill during the append) is
+dropped with a warning (:func:`trainloop.run_folder.read_jsonl` reads the file the same
+way).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 from trainloop import Learner, RunConfig, hookimpl
+from trainloop.run_folder import atomic_write_text, is_environment_error, read_jsonl, write_error
 
 FILE_NAME = "metrics.jsonl"
 
@@ -41,19 +46,27 @@ class MetricsFile:
             if learner.run_dir is None:
                 raise ValueError("MetricsFile needs a path or a learner with run_dir")
             self.path = learner.run_dir / FILE_NAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if learner.epoch > 0 and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip() and json.loads(line).get("epoch", math.inf) < learner.epoch:
-                    kept.append(line + "\n")
-        self.path.write_text("".join(kept))
+            records, skipped = read_jsonl(self.path)
+            for message in skipped:
+                print(f"trainloop: warning: {message}", file=sys.stderr, flush=True)
+            kept = [record for record in records if record.get("epoch", math.inf) < learner.epoch]
+        # Through a temporary file and a rename: a kill here leaves the old file whole.
+        text = "".join(json.dumps(record) + "\n" for record in kept)
+        atomic_write_text(self.path, text)
 
     @hookimpl(trylast=True)  # after every plugin has added its keys
     def on_epoch_end(self, learner: Learner) -> None:
         record = {"epoch": learner.epoch, **learner.metrics}
-        with open(self.path, "a") as file:
-            file.write(json.dumps({key: _finite(value) for key, value in record.items()}) + "\n")
+        line = json.dumps({key: _finite(value) for key, value in record.items()}) + "\n"
+        try:
+            with open(self.path, "a") as file:
+                file.write(line)
+        except OSError as error:
+            if is_environment_error(error):
+                raise write_error(self.path, error) from None
+            raise
 
 
 def _finite(value: Any) -> Any:

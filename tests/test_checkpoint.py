@@ -79,7 +79,10 @@ def test_last_pt_holds_everything_a_resume_needs(tmp_path: Path) -> None:
     assert set(checkpoint["rng"]) >= {"python", "numpy", "torch"}
     assert checkpoint["epoch_rng"] is None  # at an epoch end nothing is left to replay
     assert checkpoint["config"] is None
-    assert checkpoint["checkpoint"] == {"kept_best": [], "monitor": None}
+    own = checkpoint["checkpoint"]
+    assert {key: own[key] for key in ("kept_best", "monitor")} == {"kept_best": [], "monitor": None}
+    assert own["optimizer_start"][0]["lr"] == 0.1  # a resume compares a new --lr with it
+    assert checkpoint["train_batches"] == BATCHES
 
 
 def test_last_pt_is_written_at_each_epoch_end_only_by_default(tmp_path: Path) -> None:

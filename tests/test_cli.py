@@ -244,7 +244,7 @@ def test_a_bug_in_a_plugin_is_reported_with_the_plugin_and_hook_and_status_1(
     assert "ValueError: bad value (plugin 'buggy' raised it in hook 'on_epoch_end')" in err
     assert "Traceback" not in err
     status, _, err = run(
-        "run", tiny, "--out", tmp_path / "o", "-p", "buggy", "--debug", capsys=capsys
+        "run", tiny, "--out", tmp_path / "o2", "-p", "buggy", "--debug", capsys=capsys
     )
     assert status == 1 and "Traceback" in err
 

@@ -22,6 +22,17 @@ from trainloop.learner import Learner
 from trainloop.manager import PluginManager
 from trainloop.recipe import add_config_options, load_recipe, make_config
 from trainloop.run import RunConfig
+from trainloop.run_folder import (
+    CONFIG_NAME,
+    RunLock,
+    move_aside,
+    new_run_dir,
+    remove_aside,
+    remove_if_unused,
+    run_contents,
+    write_error,
+    write_json_atomic,
+)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -212,34 +223,126 @@ def run(argv: list[str]) -> int:
     if options.epochs < 0:
         raise UsageError(f"--epochs {options.epochs}: give a number of epochs, 0 or more")
 
+    resuming = getattr(options, "resume", None) is not None
+    if options.overwrite and resuming:
+        raise UsageError(
+            "--overwrite starts the run afresh and --resume continues it: give one of them"
+        )
+    if options.out is not None:
+        _check_out(options.out)
+
     seed_everything(options.seed)
     run_dir = options.out or manager.hook.make_run_dir(options=options, recipe_path=recipe_path)
-    run_dir = Path(run_dir or _new_run_dir(recipe_path))
-    existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())
-    if not existing.is_dir():
-        raise UsageError(f"--out {run_dir}: {existing} is a file, not a folder; give a folder")
+    # A new default folder, and the parents made for it, go again if the run never starts.
+    made_here = [] if run_dir else _parents_of_default(recipe_path)
+    run_dir = Path(run_dir or new_run_dir(recipe_path))
     config = RunConfig(options, run_dir, recipe_path, cfg, manager)
-    manager.hook.configure(config=config)
+    lock = RunLock(run_dir)
+    aside: Path | None = None
     try:
+        manager.hook.configure(config=config)
+        if config.is_main_process and not resuming:
+            _check_fresh(run_dir, options)  # fail early, before the recipe loads its data
         learner = recipe.build(cfg)
         if not isinstance(learner, Learner):
             raise UsageError(
                 f"recipe {recipe_path}: build(cfg) returned {type(learner).__name__}, not a Learner"
             )
         _attach(learner, manager, selection.plugins, run_dir, cfg)
-        # made only now, so that a recipe that fails on bad input leaves no folder behind
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # Every check that can fail on input is done by now: the run folder is untouched.
+        manager.hook.check_run(config=config, learner=learner)
         if config.is_main_process:
+            aside = _take_run_dir(run_dir, lock, options, resuming)
             print(f"run folder: {run_dir}", flush=True)
-            _write_config(run_dir / "config.json", recipe_path, cfg, options)
+            _record_run(config, recipe_path, cfg, options)
+            if aside is not None:
+                print(f"--overwrite: the run it replaces is in {aside} until its first checkpoint")
+                learner.add_plugin(_ReplacedRun(aside), "cli.replaced-run", origin="cli")
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
         learner.fit(options.epochs)
         if callable(getattr(recipe, "predict", None)):
             recipe.predict(learner, cfg)
+    except BaseException:
+        if options.out is None and config.is_main_process:
+            remove_if_unused(run_dir, made_here)
+        if aside is not None and aside.exists():
+            print(
+                f"trainloop: the run that --overwrite replaced is kept in {aside}", file=sys.stderr
+            )
+        raise
     finally:
-        manager.hook.unconfigure(config=config)
+        try:
+            manager.hook.unconfigure(config=config)
+        finally:
+            lock.release()
     if config.is_main_process:
         print(f"run folder: {run_dir}", flush=True)
     return 0
+
+
+def _parents_of_default(recipe_path: Path) -> list[Path]:
+    """The folders of ``runs/<recipe>/`` that do not exist yet, deepest first."""
+    parent = Path("runs") / recipe_path.stem
+    return [path for path in (parent, parent.parent) if not path.exists()]
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder, or a path where one can be made."""
+    existing = next((path for path in (out, *out.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder; give a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"--out {out}: {existing} is not writable (permission denied); give a folder you "
+            "can write to"
+        )
+
+
+def _check_fresh(run_dir: Path, options: argparse.Namespace) -> None:
+    """A run that does not resume needs an empty folder, or ``--overwrite``."""
+    contents = run_contents(run_dir)
+    if not contents or options.overwrite:
+        return
+    shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+    what = "a run" if {"config.json", "checkpoints", "metrics.jsonl"} & set(contents) else "files"
+    raise UsageError(
+        f"--out {run_dir} already holds {what} ({shown}): continue it with --resume, give "
+        "another --out, or replace it with --overwrite"
+    )
+
+
+def _take_run_dir(
+    run_dir: Path, lock: RunLock, options: argparse.Namespace, resuming: bool
+) -> Path | None:
+    """Create and lock the run folder; for ``--overwrite``, move the old run aside."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_error(run_dir, error) from None
+    lock.acquire()
+    if resuming:
+        return None
+    _check_fresh(run_dir, options)  # again, under the lock: a run may have finished there
+    if options.overwrite and run_contents(run_dir):
+        return move_aside(run_dir)
+    return None
+
+
+class _ReplacedRun:
+    """Deletes the run that ``--overwrite`` moved aside once the new run has a checkpoint."""
+
+    def __init__(self, aside: Path) -> None:
+        self.aside = aside
+
+    def on_epoch_end(self, learner: Learner) -> None:
+        if learner.run_dir is not None and (learner.run_dir / "checkpoints").is_dir():
+            if any((learner.run_dir / "checkpoints").glob("*.pt")):
+                remove_aside(self.aside)
+
+    def on_fit_end(self, learner: Learner) -> None:
+        if learner.exception is None:
+            remove_aside(self.aside)
 
 
 def _add_common_options(parser: argparse.ArgumentParser, field_names: list[str]) -> None:
@@ -255,7 +358,13 @@ def _add_common_options(parser: argparse.ArgumentParser, field_names: list[str])
         type=Path,
         default=None,
         metavar="DIR",
-        help="run folder (default: runs/<recipe>/<timestamp>)",
+        help="run folder (default: a new runs/<recipe>/<timestamp>); a fresh run needs it empty",
+    )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out (its files are moved aside, and deleted once the new "
+        "run has written its first checkpoint)",
     )
 
 
@@ -298,24 +407,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _new_run_dir(recipe_path: Path) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / recipe_path.stem / stamp
-    candidate, number = base, 2
-    while candidate.exists():
-        candidate, number = base.with_name(f"{stamp}-{number}"), number + 1
-    return candidate
+def _record_run(
+    config: RunConfig, recipe_path: Path, cfg: Any, options: argparse.Namespace
+) -> None:
+    """Write ``config.json``; a resume adds itself to the ``resumes`` list of the one there.
 
-
-def _write_config(path: Path, recipe_path: Path, cfg: Any, options: argparse.Namespace) -> None:
+    ``config.json`` says how the run was started and is never rewritten otherwise: each
+    resume appends its time, command line, checkpoint and changed options.
+    """
+    path = config.run_dir / CONFIG_NAME
+    resume = None
+    if config.resumed_from is not None:
+        resume = {
+            "time": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": sys.argv,
+            "checkpoint": str(config.resumed_from),
+            "changed": config.changed_options,
+        }
+    if resume is not None and path.exists():
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            print(f"trainloop: warning: {path} is not readable JSON ({error}); resume not recorded")
+            return
+        document.setdefault("resumes", []).append(resume)
+        write_json_atomic(path, document)
+        return
     document = {
         "recipe": str(recipe_path),
         "config": dataclasses.asdict(cfg),
         "options": vars(options),
         "trainloop_version": trainloop.__version__,
         "command": sys.argv,
+        "resumes": [resume] if resume is not None else [],
     }
-    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    write_json_atomic(path, document)
 
 
 if __name__ == "__main__":

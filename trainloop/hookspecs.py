@@ -117,9 +117,22 @@ def configure(config: RunConfig) -> None:
 def make_run_dir(options: argparse.Namespace, recipe_path: Path) -> Path | None:
     """Return the run folder to use when ``--out`` is not given, or ``None`` for the default.
 
-    The default is ``runs/<recipe>/<timestamp>``. The distributed plugin implements
-    this so that every process agrees on one folder. The folder is created once the
-    recipe has built its Learner.
+    The default is a new ``runs/<recipe>/<timestamp>`` made with
+    :func:`trainloop.run_folder.new_run_dir`, unique even for runs started in the same
+    second. The distributed plugin implements this so that every process agrees on one
+    folder. A folder made here that the run never uses is removed again.
+    """
+
+
+@hookspec
+def check_run(config: RunConfig, learner: Learner) -> None:
+    """The recipe has built its Learner; nothing of the run has been written yet.
+
+    Check here everything that can fail on the user's input and needs the Learner
+    (does the ``--resume`` checkpoint fit this model, may the options that changed since
+    it apply): raise :class:`~trainloop.UsageError` to stop the run with the run folder
+    as it was. After this hook the CLI takes the run folder's lock, creates it and
+    writes ``config.json``.
     """
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,9 @@ class RunConfig:
         plugin_manager: register per-run plugin objects here.
         is_main_process: whether this process writes files and prints (``False`` on
             all but rank 0 of a distributed run).
+        resumed_from: the checkpoint a ``--resume`` continues from, or ``None``.
+        changed_options: ``{option: [old, new]}``: what a resume changes from the
+            checkpoint's run (set in ``check_run``; recorded in ``config.json``).
     """
 
     options: argparse.Namespace
@@ -30,6 +33,8 @@ class RunConfig:
     recipe_config: Any
     plugin_manager: PluginManager
     is_main_process: bool = True
+    resumed_from: Path | None = None
+    changed_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def recipe_name(self) -> str:
