@@ -89,7 +89,9 @@ def test_run_help_works_with_a_broken_plugin_installed(site, tmp_path, capsys):
     assert captured.err.count("plugin 'broken'") == 1
 
 
-def test_the_plugins_table_shows_the_failed_plugin_and_its_error(site, capsys):
+def test_the_plugins_table_shows_the_failed_plugin_and_its_error(site, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one line per row
+
     status, table, err = trainloop("plugins", capsys=capsys)
 
     assert status == 0
