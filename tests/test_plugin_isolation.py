@@ -136,6 +136,18 @@ def test_switching_the_broken_plugin_off_silences_it(
     assert "broken" not in table
 
 
+def test_a_run_with_the_broken_plugin_switched_off_is_quiet(site, tmp_path, capsys):
+    out = tmp_path / "run"
+
+    status, _, err = trainloop(
+        "run", write_tiny_recipe(tmp_path), "--out", out, "-p", "no:broken", "--strict-plugins",
+        capsys=capsys,
+    )  # fmt: skip
+
+    assert status == 0 and err == []
+    assert (out / "good.txt").is_file()
+
+
 def test_naming_the_broken_entry_point_with_p_is_an_error_naming_it(site, capsys):
     status, _, err = trainloop("plugins", "-p", "broken", capsys=capsys)
 
