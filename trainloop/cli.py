@@ -254,7 +254,7 @@ def run(argv: list[str]) -> int:
         if config.is_main_process:
             aside = _take_run_dir(run_dir, lock, options, resuming)
             print(f"run folder: {run_dir}", flush=True)
-            _record_run(config, recipe_path, cfg, options)
+            _record_run(config, cfg, ["trainloop", "run", *argv])
             if aside is not None:
                 print(f"--overwrite: the run it replaces is in {aside} until its first checkpoint")
                 learner.add_plugin(_ReplacedRun(aside), "cli.replaced-run", origin="cli")
@@ -407,9 +407,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _record_run(
-    config: RunConfig, recipe_path: Path, cfg: Any, options: argparse.Namespace
-) -> None:
+def _record_run(config: RunConfig, cfg: Any, command: list[str]) -> None:
     """Write ``config.json``; a resume adds itself to the ``resumes`` list of the one there.
 
     ``config.json`` says how the run was started and is never rewritten otherwise: each
@@ -420,7 +418,7 @@ def _record_run(
     if config.resumed_from is not None:
         resume = {
             "time": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": sys.argv,
+            "command": command,
             "checkpoint": str(config.resumed_from),
             "changed": config.changed_options,
         }
@@ -434,11 +432,11 @@ def _record_run(
         write_json_atomic(path, document)
         return
     document = {
-        "recipe": str(recipe_path),
+        "recipe": str(config.recipe_path),
         "config": dataclasses.asdict(cfg),
-        "options": vars(options),
+        "options": vars(config.options),
         "trainloop_version": trainloop.__version__,
-        "command": sys.argv,
+        "command": command,
         "resumes": [resume] if resume is not None else [],
     }
     write_json_atomic(path, document)
