@@ -5,14 +5,17 @@ plugin pages other engineers keep, unless listed in ``CHECKED_PLUGIN_PAGES``) is
 a doctest of sorts, in a fresh temporary folder where ``recipes/`` is the project's:
 
 * ```` ```python ```` blocks run in order, in one namespace per page; a ```` ```text ````
-  block right after one (nothing but blank lines between) is its expected output,
-  compared line by line as below;
+  block right after one (nothing but blank lines between) is its expected output;
 * ```` ```console ```` / ```` ```bash ```` lines that start with ``trainloop `` (after an
   optional ``$ `` prompt and ``NAME=value`` settings) run through
   ``trainloop.cli.main``, and must exit 0. In ``console`` blocks, the lines after a
-  command are its expected output: each must match a line of the real output, in order
-  (``*`` matches anything; a line ``...`` stands for lines not shown), and
-  ``$ echo $?`` prints the exit status of the command before it;
+  command are its expected output (none: only the exit status is checked), and ``$ echo $?`` prints the exit status of the
+  command before it;
+* expected output is compared in full, by the rule of ``tests/docs_output.py``:
+  ``0.93±0.02`` for a number that varies a little, ``*`` for a path or a timing, a
+  ``... (why)`` line for lines left out and why;
+* any other ```` ```text ```` block (a file layout, a run too slow for the tests) must
+  follow ``<!-- not-output: why -->``, which says why it is not compared;
 * a shell block right after ``<!-- parse-only -->`` (a run too slow here, or one that
   needs the internet) only has its ``trainloop run`` commands parsed: the command with
   ``--help`` appended must exit 0 (which checks the option values' types) and every
@@ -40,6 +43,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_learner
+from docs_output import mismatch as output_mismatch
 
 from trainloop import Learner, hookspecs
 from trainloop.cli import main as trainloop_main
@@ -49,6 +53,7 @@ DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
 SNIPPET_BASES = (EXAMPLES, ROOT / "recipes")  # pymdownx.snippets' base_path in mkdocs.yml
 NO_TEST = "<!-- no-test -->"
+NOT_OUTPUT = re.compile(r"<!-- not-output: .+ -->")
 PARSE_ONLY = "<!-- parse-only -->"
 CLOSED = "<the end of a code block>"
 SHELLS = {"console", "bash", "shell", "sh"}
@@ -105,7 +110,9 @@ def code_blocks(text: str) -> list[Block]:
         while index < len(lines) and lines[index].strip() != fence:
             body.append(lines[index][len(indent) :] if lines[index].startswith(indent) else "")
             index += 1
-        marker = previous if previous in (NO_TEST, PARSE_ONLY) else ""
+        marker = (
+            previous if previous in (NO_TEST, PARSE_ONLY) or NOT_OUTPUT.fullmatch(previous) else ""
+        )
         after_block = bool(blocks) and previous == CLOSED
         blocks.append(Block(language, "\n".join(body) + "\n", start + 1, marker, after_block))
         previous = CLOSED
@@ -128,7 +135,7 @@ def pages_to_run() -> list[Path]:
 
 
 def page_id(page: Path) -> str:
-    return page.relative_to(DOCS).as_posix()
+    return page.relative_to(DOCS).as_posix() if page.is_relative_to(DOCS) else page.name
 
 
 # --- running a page -------------------------------------------------------------------
@@ -182,21 +189,14 @@ def parse_command(command: str, where: str) -> None:
 
 
 def check_output(expected: list[str], actual: str, where: str) -> None:
-    """Each expected line matches an actual line, in order; ``...`` lines are skipped."""
-    lines = [line.rstrip() for line in actual.splitlines()]
-    position = 0
-    for pattern in expected:
-        pattern = pattern.rstrip()
-        if pattern in ("...", ""):
-            continue
-        regex = re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
-        while position < len(lines) and not regex.fullmatch(lines[position]):
-            position += 1
-        assert position < len(lines), (
-            f"{where}: expected a line matching {pattern!r} in this order; the output was:\n"
-            + actual
-        )
-        position += 1
+    """The whole output is what the page shows (``tests/docs_output.py``)."""
+    why = output_mismatch("\n".join(expected), actual)
+    assert why is None, (
+        f"{where}: the output is not what the page shows: {why}. The page shows:\n"
+        + "\n".join(expected)
+        + "\nThe output was:\n"
+        + actual
+    )
 
 
 def run_shell_block(block: Block, where: str) -> None:
@@ -226,7 +226,8 @@ def run_shell_block(block: Block, where: str) -> None:
         status, output = run_command(command)
         if not any(next_command == "echo $?" for next_command, _ in commands):
             assert status == 0, f"{where}: {command} exited {status}:\n{output}"
-        check_output(expected, output, f"{where}: {command}")
+        if any(line.strip() for line in expected):  # no lines shown: only the status counts
+            check_output(expected, output, f"{where}: {command}")
 
 
 def included_files(code: str) -> list[Path] | None:
@@ -281,7 +282,11 @@ def test_page_examples_run(page, docs_folder):
     try:
         for block in code_blocks(page.read_text()):
             where = f"{page_id(page)}:{block.line}"
-            if block.language == "text" and block.after_block and printed is not None:
+            if block.language == "text" and not NOT_OUTPUT.fullmatch(block.marker):
+                assert block.after_block and printed is not None, (
+                    f"{where}: a text block shows the output of the python block right above"
+                    " it; anything else follows '<!-- not-output: why -->'"
+                )
                 check_output(block.code.splitlines(), printed, where)
             printed = None
             files = included_files(block.code)
@@ -326,13 +331,22 @@ def test_code_blocks_finds_languages_lines_markers_and_indented_blocks():
     assert blocks[2].code == "y = 2\n"
 
 
-def test_check_output_matches_patterns_in_order():
-    check_output(["run folder: *", "...", "done"], "a\nrun folder: runs/x\nb\ndone\n", "t")
-    with pytest.raises(AssertionError, match="in this order"):
-        check_output(["done", "run folder: *"], "run folder: runs/x\ndone\n", "t")
+def test_check_output_compares_the_whole_output():
+    check_output(["run folder: *", "... (why)", "done"], "run folder: runs/x\nb\ndone\n", "t")
+    with pytest.raises(AssertionError, match="not on the page"):
+        check_output(["run folder: *"], "run folder: runs/x\ndone\n", "t")
     check_output(["usage: x [-h] *"], "usage: x [-h] [--lr LR]", "t")  # only * is special
     with pytest.raises(AssertionError):
         check_output(["usage: x [-h]"], "usage: x h", "t")
+
+
+def test_a_text_block_that_is_not_output_must_say_why(docs_folder, tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("Prose.\n\n```text\nlayout\n```\n")
+    with pytest.raises(AssertionError, match="not-output: why"):
+        test_page_examples_run(page, docs_folder)
+    page.write_text("Prose.\n\n<!-- not-output: a layout -->\n```text\nlayout\n```\n")
+    test_page_examples_run(page, docs_folder)
 
 
 def test_a_failing_console_command_fails_its_page(docs_folder):
