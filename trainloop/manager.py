@@ -75,7 +75,7 @@ class PluginManager(pluggy.PluginManager):
       as :class:`~trainloop.UsageError` naming the plugin and the bad name.
     * Functions named ``on_*`` are hook implementations without ``@hookimpl``.
     * ``failed[name]`` holds the entry-point plugins that could not be loaded
-      (:class:`FailedPlugin`): one broken installed package does not stop the others.
+      (``FailedPlugin``: name, entry point, distribution, error): one broken installed package does not stop the others.
     """
 
     def __init__(self) -> None:
