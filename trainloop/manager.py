@@ -74,8 +74,9 @@ class PluginManager(pluggy.PluginManager):
     * A hook implementation whose name matches no hook is an error at registration,
       as :class:`~trainloop.UsageError` naming the plugin and the bad name.
     * Functions named ``on_*`` are hook implementations without ``@hookimpl``.
-    * ``failed[name]`` holds the entry-point plugins that could not be loaded
-      (``FailedPlugin``: name, entry point, distribution, error): one broken installed package does not stop the others.
+    * ``failed[name]`` holds the entry-point plugins that could not be loaded (each a
+      ``FailedPlugin``: name, entry point, distribution, error); one broken installed
+      package does not stop the others.
     """
 
     def __init__(self) -> None:
