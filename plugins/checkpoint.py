@@ -417,6 +417,13 @@ class Checkpoint:
             return path
         return self._save(learner, state, name)
 
+    def on_exception(self, learner: Learner, exception: BaseException) -> None:
+        if isinstance(exception, RunFileError) and "checkpoint" not in str(exception):
+            # Another file of the run could not be written: say what is safe to resume from.
+            last = self._dir(learner) / f"{LAST}.pt"
+            if last.exists():
+                exception.args = (f"{exception}; the last good checkpoint is {last}",)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {
             "kept_best": [[value, epoch] for value, epoch in self.kept],

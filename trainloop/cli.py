@@ -25,6 +25,7 @@ from trainloop.run import RunConfig
 from trainloop.run_folder import (
     CONFIG_NAME,
     RunLock,
+    is_environment_error,
     move_aside,
     new_run_dir,
     remove_aside,
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if debug:
             traceback.print_exc()
+        if is_environment_error(error):  # a full disk, a read-only folder: the machine's
+            print(f"trainloop: error: {write_error(error.filename or '?', error)}", file=sys.stderr)
+            return EXIT_USAGE
         notes = "; ".join(getattr(error, "__notes__", ()))
         where = f" ({notes})" if notes else ""
         print(f"trainloop: error: {type(error).__name__}: {error}{where}", file=sys.stderr)
