@@ -163,7 +163,7 @@ def load_plugins(specs: list[str], strict: bool | None = None) -> PluginManager:
         if strict:
             raise UsageError(
                 f"{failure.describe()}; --strict-plugins stops here: fix or uninstall"
-                f" {failure.distribution.rpartition(' ')[0]}, or {remedy}"
+                f" {failure.distribution}, or {remedy}"
             )
         if os.environ.get("RANK", "0") == "0":  # torchrun's other processes stay quiet
             print(
@@ -197,7 +197,8 @@ def list_plugins(argv: list[str]) -> int:
         table.add_row(name, manager.origins.get(name, "?"), hooks)
     for failure in manager.failed.values():
         reason = Text(f"failed to load: {failure.error}", style="red")
-        table.add_row(failure.name, f"entry point ({failure.distribution})", reason)
+        origin = f"entry point ({failure.distribution} {failure.version})"
+        table.add_row(failure.name, origin, reason)
     Console(width=max(120, Console().width)).print(table)
     return 0
 

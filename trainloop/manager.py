@@ -48,15 +48,17 @@ class FailedPlugin:
     entry_point: str
     """The entry point as declared: ``name = module:attr``."""
     distribution: str
-    """The distribution that declares it, with its version: ``trainloop-foo 1.2``."""
+    """The name of the distribution that declares it: ``trainloop-foo``."""
+    version: str
+    """That distribution's version."""
     error: str
     """The error, on one line: ``ModuleNotFoundError: No module named 'foo'``."""
 
     def describe(self) -> str:
         """One line naming the plugin, where it comes from and the error."""
         return (
-            f"plugin {self.name!r} (entry point '{self.entry_point}' of {self.distribution})"
-            f" failed to load: {self.error}"
+            f"plugin {self.name!r} (entry point '{self.entry_point}' of {self.distribution}"
+            f" {self.version}) failed to load: {self.error}"
         )
 
 
@@ -168,14 +170,14 @@ class PluginManager(pluggy.PluginManager):
                     or entry.name in self.failed
                 ):
                     continue
-                origin = f"{dist.metadata['name']} {dist.version}"
+                project = dist.metadata["name"]
+                origin = f"entry point ({project} {dist.version})"
                 try:
-                    self.register(entry.load(), entry.name, origin=f"entry point ({origin})")
+                    self.register(entry.load(), entry.name, origin=origin)
                 except Exception as error:  # a broken package must not stop the others
                     reason = str(error) if isinstance(error, UsageError) else one_line(error)
-                    failure = FailedPlugin(
-                        entry.name, f"{entry.name} = {entry.value}", origin, reason
-                    )
+                    declared = f"{entry.name} = {entry.value}"
+                    failure = FailedPlugin(entry.name, declared, project, dist.version, reason)
                     self.failed[entry.name] = failure
                     failures.append(failure)
         return failures
