@@ -173,7 +173,7 @@ def torchrun_command(argv: list[str], nproc_per_node: int) -> list[str]:
     """The command that runs ``trainloop ARGV`` under torchrun on ``nproc_per_node`` processes.
 
     ``--nproc-per-node`` is taken out of ``argv``, so that the processes do not launch
-    again; they agree on the run folder through :func:`make_run_dir` (or ``--out``).
+    again; they agree on the run folder through the ``make_run_dir`` hook (or ``--out``).
     """
     kept: list[str] = []
     skip_value = False
