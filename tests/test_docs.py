@@ -552,12 +552,15 @@ def test_the_nav_hook_adds_pages_the_nav_does_not_list(tmp_path):
     ]
 
 
-def test_mkdocs_build_strict_passes(tmp_path):
+@pytest.fixture(scope="session")
+def built_site(tmp_path_factory) -> Path:
+    """The site, built once with ``mkdocs build --strict`` (which must pass)."""
     if shutil.which("mkdocs") is None and not _has_module("mkdocs"):
         pytest.skip("mkdocs is not installed")
     pytest.importorskip("mkdocstrings")
+    site = tmp_path_factory.mktemp("site")
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
         cwd=ROOT,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
         capture_output=True,
@@ -565,9 +568,13 @@ def test_mkdocs_build_strict_passes(tmp_path):
         timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    hooks_page = (tmp_path / "site" / "reference" / "hooks" / "index.html").read_text()
+    return site
+
+
+def test_mkdocs_build_strict_passes(built_site):
+    hooks_page = (built_site / "reference" / "hooks" / "index.html").read_text()
     assert 'id="trainloop.hookspecs.on_epoch_end"' in hooks_page
-    api_page = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
+    api_page = (built_site / "reference" / "api" / "index.html").read_text()
     import trainloop
 
     for name in trainloop.__all__:
@@ -575,6 +582,90 @@ def test_mkdocs_build_strict_passes(tmp_path):
     for page in (hooks_page, api_page):  # Sphinx roles became links (docs/_ext)
         assert not re.search(r":(class|func|meth|exc|attr):", page)
     assert 'doc-label-firstresult"><code>firstresult' in hooks_page
+
+
+def reference_ids(site: Path) -> set[str]:
+    """The anchors of every documented object on the site."""
+    ids = set()
+    for html in site.rglob("*.html"):
+        ids.update(re.findall(r'id="(trainloop[\w.]*)"', html.read_text()))
+    return ids
+
+
+def trainloop_names(text: str) -> set[str]:
+    """The dotted ``trainloop.`` names a page uses: in prose, code and imports."""
+    names = set(re.findall(r"(?<![\w/.-])trainloop(?:\.\w+)+", text))
+    for module, imported in re.findall(
+        r"\bfrom (trainloop(?:\.\w+)*) import (\([^)]*\)|[^\n#]+)", text
+    ):
+        words = re.findall(r"\w+", re.sub(r"\bas \w+", "", imported))
+        names.update(f"{module}.{word}" for word in words)
+    return names
+
+
+def documented_as(name: str, ids: set[str]) -> bool:
+    """Whether ``name``, or the object it imports, has an entry in the reference."""
+    if name in ids:
+        return True
+    import trainloop
+
+    module_name, _, attribute = name.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError):
+        return False
+    canonical = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+    return canonical in ids or (
+        getattr(trainloop, attribute, None) is obj and f"trainloop.{attribute}" in ids
+    )
+
+
+def test_trainloop_names_are_found_in_prose_code_and_imports():
+    text = "Use `trainloop.rle.rle_encode`.\n```python\nfrom trainloop.data.mnist import (\n    load_mnist,\n    write_idx_files as write,\n)\nfrom trainloop_csv import X\n```\n"
+    assert trainloop_names(text) == {
+        "trainloop.rle.rle_encode",
+        "trainloop.data.mnist",
+        "trainloop.data.mnist.load_mnist",
+        "trainloop.data.mnist.write_idx_files",
+    }
+
+
+def test_every_trainloop_name_on_a_page_has_a_reference_entry(built_site):
+    ids = reference_ids(built_site)
+    missing = {}
+    for page in sorted(DOCS.rglob("*.md")):
+        if "examples" in page.relative_to(DOCS).parts:
+            continue
+        unknown = sorted(
+            name for name in trainloop_names(page.read_text()) if not documented_as(name, ids)
+        )
+        if unknown:
+            missing[page_id(page)] = unknown
+    assert missing == {}
+
+
+def test_the_hook_reference_shows_every_hook_once_in_its_group(built_site):
+    hooks = mkdocs_hooks()
+    groups = hooks.hook_groups()
+    page = (DOCS / "reference" / "hooks.md").read_text()
+    assert sorted(re.findall(r"<!-- hooks: (.+?) -->", page)) == sorted(groups)  # none left out
+    listed = [hook for names in groups.values() for hook in names]
+    assert sorted(listed) == sorted(
+        name
+        for name in dir(hookspecs)
+        if hasattr(getattr(hookspecs, name), f"{hookspecs.PROJECT}_spec")
+    )
+    html = (built_site / "reference" / "hooks" / "index.html").read_text()
+    for hook in listed:
+        assert html.count(f'id="trainloop.hookspecs.{hook}"') == 1, hook
+    # each entry says which built-in plugins implement it, as `trainloop plugins` does
+    entry = html.split('id="trainloop.hookspecs.on_backward_end"')[1].split("<h3")[0]
+    assert re.search(r"Built-in plugins that implement it: <a [^>]*>nan_guard</a>", entry)
+
+
+def test_the_site_shows_printed_values_without_their_tolerances(built_site):
+    page = (built_site / "learn" / "neuron" / "index.html").read_text()
+    assert "0.0238164" in page and "±" not in page
 
 
 def _has_module(name: str) -> bool:

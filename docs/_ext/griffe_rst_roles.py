@@ -5,7 +5,8 @@ reference shows which hooks are steps with one owner.
 
 trainloop's docstrings are read by people in ``help()`` too, so they keep Sphinx's
 ``:class:`~trainloop.StopFit``` roles and ``Example::`` literal blocks; this turns them
-into Markdown for the site: ``[StopFit][trainloop.StopFit]`` and ``Example:``.
+into Markdown for the site: ``[StopFit][trainloop.StopFit]`` and ``Example:``. A role
+naming something outside trainloop (``shutil.rmtree``) becomes plain code.
 """
 
 from __future__ import annotations
@@ -40,9 +41,16 @@ def convert(text: str, obj: griffe.Object) -> str:
         # as Sphinx shows it: the name as written, or its last part after "~"
         label = written.rsplit(".", 1)[-1] if short else written
         target = written if "." in written else _resolve(written, obj)
+        if target.startswith("plugins."):  # griffe_plugins_package: trainloop.plugins
+            target = f"trainloop.{target}"
+        if not target.startswith("trainloop"):  # the standard library, torch: no page here
+            return f"`{label}`"
         return f"[`{label}`][{target}]"
 
     text = _ROLE.sub(link, text)
+    # A Google "Example:" section is an admonition whose doctest output Markdown would
+    # read as links; "Examples:" renders ">>>" lines as code.
+    text = re.sub(r"^(\s*)Example:\n(?=\s*>>>)", r"\1Examples:\n", text, flags=re.MULTILINE)
     return re.sub(r"(\S)::$", r"\1:", text, flags=re.MULTILINE)
 
 

@@ -3,6 +3,13 @@
 * ``<!-- builtin-plugins -->`` in a page becomes a table of the built-in plugins: one
   row per module in ``plugins/``, with the first line of its docstring, linked to
   ``plugins/<name>.md`` when that page exists.
+* ``<!-- hooks: GROUP -->`` in a page becomes the reference of that group of hooks:
+  one mkdocstrings entry per hook spec, in source order, each followed by the built-in
+  plugins that implement it. The groups are the section comments of
+  ``trainloop/hookspecs.py`` (``# --- Title: ...``), with the ``on_predict_*`` events
+  as their own group ``Predict``, so a hook added there shows up by itself.
+* In ``text`` and ``console`` code blocks, ``0.93±0.02`` (a number the tests compare
+  with a tolerance, ``tests/docs_output.py``) shows as ``0.93``: what the program prints.
 * The nav sections "Plugins" and "Learn" get every page of ``docs/plugins/`` and
   ``docs/learn/`` that the nav does not list yet, in name order after the listed ones,
   so a page added later is never left out of the site.
@@ -17,6 +24,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "<!-- builtin-plugins -->"
+HOOK_GROUP = re.compile(r"<!-- hooks: (?P<group>[^>]+?) -->")
+NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+TOLERANCE = re.compile(rf"({NUMBER})±{NUMBER}")  # as in tests/docs_output.py
+OUTPUT_BLOCK = re.compile(
+    r"^(?P<indent>[ \t]*)```(?:text|console)\n.*?^(?P=indent)```$", re.M | re.S
+)
 AUTO_SECTIONS = {"Plugins": "plugins", "Learn": "learn"}
 
 
@@ -40,6 +53,74 @@ def plugin_table(docs_dir: Path) -> str:
         label = f"[{name}]({name}.md)" if (docs_dir / "plugins" / f"{name}.md").exists() else name
         rows.append(f"| {label} | {summary} |")
     return "\n".join(rows)
+
+
+def hook_groups() -> dict[str, list[str]]:
+    """The hook specs of ``trainloop/hookspecs.py`` by group, in source order.
+
+    A group is a section of the module (the title of its ``# --- Title: ...`` comment),
+    except that the predict events form the group ``Predict``.
+    """
+    source = (ROOT / "trainloop" / "hookspecs.py").read_text()
+    sections = [
+        (number, match[1].strip())
+        for number, line in enumerate(source.splitlines(), start=1)
+        if (match := re.match(r"# --- ([^:(-]+)", line))
+    ]
+    groups: dict[str, list[str]] = {}
+    for node in ast.parse(source).body:
+        is_spec = isinstance(node, ast.FunctionDef) and any(
+            "hookspec" in ast.unparse(decorator) for decorator in node.decorator_list
+        )
+        if not is_spec:
+            continue
+        title = [title for number, title in sections if number < node.lineno][-1]
+        if node.name.startswith("on_predict_"):
+            title = "Predict"
+        groups.setdefault(title, []).append(node.name)
+    return groups
+
+
+def hook_implementers() -> dict[str, list[str]]:
+    """For each hook, the built-in plugins that implement it (as ``trainloop plugins``)."""
+    from trainloop.manager import PluginManager
+
+    manager = PluginManager()
+    manager.load_builtins()
+    implementers: dict[str, list[str]] = {}
+    for name, plugin in sorted(manager.list_name_plugin()):
+        for hook in manager.implemented_hooks(plugin):
+            implementers.setdefault(hook, []).append(name)
+    return implementers
+
+
+def hook_reference(group: str, docs_dir: Path) -> str:
+    """The Markdown of one group of the hook reference."""
+    hooks = hook_groups().get(group)
+    if hooks is None:
+        raise ValueError(
+            f"no hook group {group!r} in trainloop/hookspecs.py: {list(hook_groups())}"
+        )
+    implementers = hook_implementers()
+    parts = []
+    for hook in hooks:
+        plugins = [
+            f"[{name}](../plugins/{name}.md)"
+            if (docs_dir / "plugins" / f"{name}.md").exists()
+            else name
+            for name in implementers.get(hook, [])
+        ]
+        used_by = ", ".join(plugins) if plugins else "none (the core, a recipe or your own plugins)"
+        parts.append(
+            f"::: trainloop.hookspecs.{hook}\n    options:\n      heading_level: 3\n      show_root_full_path: false\n\n"
+            f"Built-in plugins that implement it: {used_by}.\n"
+        )
+    return "\n".join(parts)
+
+
+def show_values(markdown: str) -> str:
+    """``0.93±0.02`` -> ``0.93`` inside the text and console code blocks."""
+    return OUTPUT_BLOCK.sub(lambda block: TOLERANCE.sub(r"\1", block[0]), markdown)
 
 
 def complete_nav(nav: list[Any], docs_dir: Path) -> list[Any]:
@@ -76,6 +157,8 @@ def on_config(config: Any) -> Any:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    docs_dir = Path(config["docs_dir"])
     if MARKER in markdown:
-        markdown = markdown.replace(MARKER, plugin_table(Path(config["docs_dir"])))
-    return markdown
+        markdown = markdown.replace(MARKER, plugin_table(docs_dir))
+    markdown = HOOK_GROUP.sub(lambda match: hook_reference(match["group"], docs_dir), markdown)
+    return show_values(markdown)
