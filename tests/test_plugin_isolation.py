@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_recipe
+from conftest import run_cli, write_tiny_recipe
 
 from trainloop.cli import main
 
@@ -77,6 +77,20 @@ def test_a_broken_entry_point_plugin_is_named_once_and_the_run_goes_on(site, tmp
     ]
     assert (out / "metrics.jsonl").is_file()
     assert (out / "good.txt").read_text() == "ran"  # the package's other plugin still runs
+
+
+def test_an_installed_broken_plugin_in_a_fresh_process_is_one_warning(tmp_path):
+    site = install_fake_dist(tmp_path / "site", ENTRY_POINTS, MODULES)
+    environment = {"PYTHONPATH": str(site), "TRAINLOOP_DISABLE_PLUGIN_AUTOLOAD": ""}
+
+    result = run_cli("plugins", cwd=tmp_path, env=environment)
+
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == [
+        f"trainloop: warning: {BROKEN_LINE}; going on without it"
+        " (switch it off with -p no:broken or TRAINLOOP_DISABLE_PLUGIN_AUTOLOAD=1)"
+    ]
+    assert "failed to load" in result.stdout
 
 
 def test_run_help_works_with_a_broken_plugin_installed(site, tmp_path, capsys):
