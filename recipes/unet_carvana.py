@@ -2,10 +2,11 @@
 
 ``--input-dir`` (default ``input``) holds the competition data in the Kaggle layout:
 ``train/``, ``train_masks/``, ``test/`` and the CSV files (Kaggle's zip files there are
-unpacked first). When the folder has no Carvana data, a small synthetic set in the
-same layout is generated there (``--synthetic-*`` options), so the recipe runs
-anywhere: the defaults train on it in a few minutes on two CPU cores and reach a
-validation Dice above 0.98.
+unpacked first). When the default folder ``input`` has no Carvana data, a small
+synthetic set in the same layout is generated there, so the recipe runs anywhere: the
+defaults train on it in a few minutes on two CPU cores and reach a validation Dice
+above 0.98. Another folder without data is a usage error unless ``--synthetic`` (or a
+``--synthetic-*`` option) asks for the generated set.
 
 The run folder gets ``metrics.jsonl`` (``train_loss``, ``valid_loss``, ``valid_dice``),
 TensorBoard events with the scalars and, each epoch, pictures of the first validation
@@ -31,6 +32,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,15 +40,18 @@ from trainloop import Learner, UsageError
 from trainloop.data.carvana import (
     CarvanaDataset,
     FloatImages,
+    SetDataEpoch,
     car_id_of,
     check_layout,
     check_size,
     ensure_data,
+    has_carvana_files,
     make_loader,
     split_by_car,
     unpack,
 )
 from trainloop.data.carvana_render import MaskPictures
+from trainloop.data.seeding import seeded_rng
 from trainloop.models.segmentation import bce_dice_loss
 from trainloop.models.segmentation import dice as dice_score
 from trainloop.models.unet import UNet
@@ -57,7 +62,7 @@ from trainloop.plugins.predictions import FILE_NAME, PredictionWriter, is_main_p
 class Config:
     input_dir: Path = field(
         default=Path("input"),
-        metadata={"help": "the Carvana data in the Kaggle layout; generated when empty"},
+        metadata={"help": "the Carvana data in the Kaggle layout (generated in input when empty)"},
     )
     image_size: tuple[int, int] = field(
         default=(144, 96),
@@ -81,14 +86,30 @@ class Config:
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     augment: bool = field(default=True, metadata={"help": "flip, affine and colour jitter"})
     predict: bool = field(default=True, metadata={"help": "write submit.csv.gz after training"})
-    synthetic_cars: int = field(
-        default=20, metadata={"help": "generated data: training cars (16 photos each)"}
+    synthetic: bool = field(
+        default=False,
+        metadata={"help": "generate a synthetic set in --input-dir if it has no Carvana data"},
     )
-    synthetic_test_cars: int = field(default=2, metadata={"help": "generated data: test cars"})
-    synthetic_size: tuple[int, int] = field(
-        default=(288, 192), metadata={"help": "generated data: WIDTH HEIGHT of the photos"}
+    synthetic_cars: int | None = field(
+        default=None,
+        metadata={
+            "help": "generated data: training cars, 16 photos each (None: 20; implies --synthetic)"
+        },
+    )
+    synthetic_test_cars: int | None = field(
+        default=None, metadata={"help": "generated data: test cars (None: 2; implies --synthetic)"}
+    )
+    synthetic_size: tuple[int, int] | None = field(
+        default=None,
+        metadata={
+            "help": "generated data: WIDTH HEIGHT of the photos (None: 288 192; implies --synthetic)"
+        },
     )
     seed: int = field(default=0, metadata={"help": "random seed (training, split, data)"})
+
+
+DEFAULT_INPUT_DIR = Path("input")
+SYNTHETIC_DEFAULTS = {"synthetic_cars": 20, "synthetic_test_cars": 2, "synthetic_size": (288, 192)}
 
 
 def _say(message: str) -> None:
@@ -110,7 +131,6 @@ def _check(cfg: Config) -> None:
             f"--input-dir {cfg.input_dir} is a file, not a folder: give the folder that holds "
             f"(or will hold) the Carvana data"
         )
-    check_size(cfg.image_size, cfg.depth, name="--image-size")
     for option, value in (
         ("--batch-size", cfg.batch_size),
         ("--base-width", cfg.base_width),
@@ -118,29 +138,55 @@ def _check(cfg: Config) -> None:
     ):
         if value < 1:
             raise UsageError(f"{option} {value}: use 1 or more")
+    check_size(cfg.image_size, cfg.depth, name="--image-size")
     if cfg.workers < 0:
         raise UsageError(f"--workers {cfg.workers}: use 0 (load in the main process) or more")
     if not 0.0 < cfg.threshold < 1.0:
         raise UsageError(f"--threshold {cfg.threshold}: use a probability between 0 and 1")
     if not cfg.lr > 0:
         raise UsageError(f"--lr {cfg.lr}: use a positive learning rate")
+    if not has_carvana_files(cfg.input_dir) and not wants_synthetic(cfg):
+        raise UsageError(
+            f"--input-dir {cfg.input_dir} has no Carvana data (no photos in train/, no Kaggle "
+            f"zip files): download the competition's files there (docs/carvana.md), or add "
+            f"--synthetic to generate a synthetic set there"
+        )
+
+
+def wants_synthetic(cfg: Config) -> bool:
+    """Whether a synthetic set may be generated in ``cfg.input_dir`` when it has no data.
+
+    Only in the default folder ``input`` or when asked for (``--synthetic`` or a
+    ``--synthetic-*`` option): a mistyped ``--input-dir`` is an error, not a new data set.
+    """
+    asked = any(getattr(cfg, name) is not None for name in SYNTHETIC_DEFAULTS)
+    return cfg.synthetic or asked or cfg.input_dir == DEFAULT_INPUT_DIR
+
+
+def synthetic_options(cfg: Config) -> dict[str, Any]:
+    """The ``--synthetic-*`` values, their defaults where not given."""
+    return {
+        name: default if getattr(cfg, name) is None else getattr(cfg, name)
+        for name, default in SYNTHETIC_DEFAULTS.items()
+    }
 
 
 def prepare_data(cfg: Config) -> None:
     """Unpack Kaggle's zip files, or generate the synthetic set, in ``cfg.input_dir``."""
-    generated = ensure_data(
+    synthetic = synthetic_options(cfg)
+    generated = wants_synthetic(cfg) and ensure_data(
         cfg.input_dir,
-        n_train_cars=cfg.synthetic_cars,
-        n_test_cars=cfg.synthetic_test_cars,
-        size=cfg.synthetic_size,
+        n_train_cars=synthetic["synthetic_cars"],
+        n_test_cars=synthetic["synthetic_test_cars"],
+        size=tuple(synthetic["synthetic_size"]),
         seed=cfg.seed,
     )
     if generated:
-        width, height = cfg.synthetic_size
+        width, height = synthetic["synthetic_size"]
         _say(
             f"no Carvana data in {cfg.input_dir}: generated a synthetic set there "
-            f"({cfg.synthetic_cars} training and {cfg.synthetic_test_cars} test cars, "
-            f"{width}x{height} photos)"
+            f"({synthetic['synthetic_cars']} training and {synthetic['synthetic_test_cars']} "
+            f"test cars, {width}x{height} photos)"
         )
         return
     unpacked = unpack(cfg.input_dir)
@@ -173,13 +219,15 @@ def build(cfg: Config) -> Learner:
     valid_ids = varied_order(valid_ids)  # TensorBoard pictures the first validation photos
     pin_memory = _pin_memory()
     size = tuple(cfg.image_size)
-    # uint8 through the loaders (a quarter of the bytes), float32 on the device: FloatImages
+    # uint8 through the loaders (a quarter of the bytes), float32 on the device: FloatImages.
+    # Order and augmentation come from (cfg.seed, epoch): exact resumes with any --workers.
     train_data = make_loader(
         CarvanaDataset(cfg.input_dir, train_ids, size, augment=cfg.augment, dtype=torch.uint8),
         cfg.batch_size,
         shuffle=True,
         workers=cfg.workers,
         pin_memory=pin_memory,
+        seed=cfg.seed,
     )
     valid_data = None
     if valid_ids:
@@ -188,8 +236,10 @@ def build(cfg: Config) -> Learner:
             cfg.batch_size,
             workers=cfg.workers,
             pin_memory=pin_memory,
+            seed=cfg.seed,
         )
-    model = UNet(base_width=cfg.base_width, depth=cfg.depth)
+    with seeded_rng(cfg.seed):  # the same weights from Python as from the command line
+        model = UNet(base_width=cfg.base_width, depth=cfg.depth)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     width, height = size
     _say(
@@ -208,7 +258,7 @@ def build(cfg: Config) -> Learner:
         loss_func=bce_dice_loss,
         optimizer=functools.partial(torch.optim.Adam, lr=cfg.lr),
         metrics=(dice,),
-        plugins=[FloatImages(), MaskPictures(cfg.threshold)],
+        plugins=[FloatImages(), MaskPictures(cfg.threshold), SetDataEpoch()],
     )
 
 

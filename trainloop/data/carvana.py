@@ -11,8 +11,8 @@ Everything a Carvana recipe needs, importable from here::
     train_ids, valid_ids = split_by_car(layout.train_ids, valid_size=0.2, seed=0)
     train_data = make_loader(
         CarvanaDataset("input", train_ids, size=(480, 320), augment=True),
-        batch_size=8, shuffle=True, workers=2,
-    )
+        batch_size=8, shuffle=True, workers=2, seed=0,
+    )  # with the SetDataEpoch plugin on the Learner: order and augmentation from (seed, epoch)
 
 Sizes are ``(width, height)`` throughout, as image files state them; torchvision wants
 ``(height, width)`` and this module does that conversion in one place.
@@ -52,6 +52,7 @@ from trainloop.data.carvana_synthetic import (
     generate_dataset,
     render_view,
 )
+from trainloop.data.seeding import SetDataEpoch, seeded_loader
 from trainloop.errors import UsageError
 from trainloop.hookspecs import hookimpl
 
@@ -61,6 +62,7 @@ __all__ = [
     "FloatImages",
     "DataFileError",
     "Layout",
+    "SetDataEpoch",
     "SharedGridAffine",
     "SyntheticCar",
     "car_id_of",
@@ -157,11 +159,17 @@ def check_size(size: tuple[int, int], depth: int, name: str = "image size") -> N
     step = 2**depth
     if width % step == 0 and height % step == 0 and width > 0 and height > 0:
         return
-    up = (-(-width // step) * step, -(-height // step) * step)
+    # Each side rounded up (to one step at least) and down to a multiple of the step.
+    up = (max(step, -(-width // step) * step), max(step, -(-height // step) * step))
     down = (width // step * step, height // step * step)
     choices = f"{up[0]}x{up[1]}"
     if min(down) > 0 and down != up:
         choices += f" or {down[0]}x{down[1]}"
+    if width <= 0 or height <= 0:
+        raise UsageError(
+            f"{name} {width}x{height}: each side must be a positive multiple of "
+            f"2^{depth}={step}: use {choices} or larger"
+        )
     raise UsageError(f"{name} {width}x{height} is not divisible by 2^{depth}={step}: use {choices}")
 
 
@@ -414,15 +422,20 @@ def make_loader(
     workers: int = 0,
     pin_memory: bool = False,
     drop_last: bool = False,
+    seed: int = 0,
 ) -> DataLoader:
     """A ``DataLoader`` over ``dataset`` with ``workers`` processes kept between epochs.
 
-    ``pin_memory`` takes effect only when CUDA is available (it is useless, and warns,
-    without it).
+    Built with :func:`~trainloop.data.seeding.seeded_loader`: the order of each epoch
+    and every sample's augmentation come from ``(seed, epoch)``, so the batches are the
+    same with any number of workers and in a resumed run (the learner needs the
+    :class:`~trainloop.data.seeding.SetDataEpoch` plugin). ``pin_memory`` takes effect
+    only when CUDA is available (it is useless, and warns, without it).
     """
-    return DataLoader(
+    return seeded_loader(
         dataset,
-        batch_size=batch_size,
+        batch_size,
+        seed=seed,
         shuffle=shuffle,
         num_workers=workers,
         pin_memory=pin_memory and torch.cuda.is_available(),
