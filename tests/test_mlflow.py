@@ -546,3 +546,18 @@ def test_run_cli_in_a_fresh_process_logs_to_the_server(server, mnist_dir, tmp_pa
     client = MlflowClient(server.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("fresh").experiment_id])
     assert run.info.status == "FINISHED"
+
+
+def test_the_logger_guides_excerpts_are_still_in_the_plugins_source():
+    source = (ROOT / "integrations" / "trainloop-mlflow" / "trainloop_mlflow.py").read_text()
+    lines = [line.strip() for line in source.splitlines()]
+    page = (ROOT / "docs" / "trackers" / "index.md").read_text()
+    excerpts = re.findall(r"<!-- no-test -->\n```python\n(.*?)```", page, flags=re.S)
+    assert len(excerpts) >= 5
+    for excerpt in excerpts:
+        position = 0
+        for line in (line.strip() for line in excerpt.splitlines()):
+            if line in ("", "..."):
+                continue
+            assert line in lines[position:], f"not in trainloop_mlflow.py (in order): {line}"
+            position = lines.index(line, position) + 1
