@@ -105,6 +105,7 @@ from trainloop.run_folder import RunFileError, is_environment_error, write_error
 FORMAT = "trainloop-checkpoint"
 VERSION = 1
 CHECKPOINT_KEY = "checkpoint"
+AUTO = "auto"
 LAST = "last"
 BEST = "best"
 _REQUIRED_KEYS = ("model", "optimizer", "learner", "rng")
@@ -139,7 +140,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         const=True,
         default=None,
         metavar="PATH",
-        help="continue from checkpoint PATH; with no PATH, from --out's checkpoints/last.pt",
+        help="continue from checkpoint PATH; with no PATH, from --out's checkpoints/last.pt; "
+        "auto: from it if it exists, else start afresh (for schedulers that relaunch a job)",
     )
     add_monitor_options(parser)
 
@@ -156,14 +158,17 @@ def configure(config: RunConfig) -> None:
             f"--keep-best {options.keep_best}: give a number of checkpoints, 0 or more"
         )
     resume = options.resume
-    if resume is True:
+    if resume is True or resume == AUTO:
         out = getattr(options, "out", None)
         if out is None:
+            flag = "--resume auto" if resume == AUTO else "--resume"
             raise UsageError(
-                "--resume without a PATH continues the run in --out: pass --out RUN_DIR "
+                f"{flag} without a PATH continues the run in --out: pass --out RUN_DIR "
                 "(or --resume PATH/TO/checkpoint.pt)"
             )
-        resume = Path(out) / "checkpoints" / f"{LAST}.pt"
+        last = Path(out) / "checkpoints" / f"{LAST}.pt"
+        # auto: continue if there is a checkpoint, else start: a relaunch is always safe.
+        resume = None if resume == AUTO and not last.exists() else last
     plugin = Checkpoint(
         config.run_dir / "checkpoints",
         every=options.checkpoint_every,
@@ -308,6 +313,20 @@ class Checkpoint:
             )
         saved_batches, batches = checkpoint.get("train_batches"), _length(learner.train_data)
         stopped_after = int(checkpoint["learner"]["iteration"])
+        saved_world, world = int(checkpoint.get("world_size", 1)), world_size()
+        if stopped_after and saved_world != world:
+            raise UsageError(
+                f"{where}: it was written by {saved_world} process(es) in the middle of an "
+                f"epoch, and this run has {world}; the samples each process had left cannot be "
+                f"dealt out again: resume with {saved_world} process(es), or from a checkpoint "
+                "taken at an epoch end"
+            )
+        if saved_world != world and self.write:
+            print(
+                f"resume: {saved_world} process(es) wrote the checkpoint, {world} go on: the "
+                "next epochs split the data between them the new way",
+                flush=True,
+            )
         if stopped_after and saved_batches is not None and batches != saved_batches:
             because = f" (changed: {shown})" if shown else ""
             raise UsageError(
@@ -469,7 +488,9 @@ class Checkpoint:
             "epoch_rng": self._epoch_rng if epoch_rng and state["iteration"] else None,
             "config": json_safe(config) if config is not None else None,
             "options": self.options,
-            "train_batches": _length(learner.train_data),
+            "world_size": world_size(),
+            # Per process under torchrun, where the data is split while fit runs.
+            "train_batches": _length(learner.train_data) if world_size() == 1 else None,
         }
         # The NaN guard checks here (tryfirst) and raises before anything is written.
         learner.hook.on_save_checkpoint(learner=learner, checkpoint=checkpoint)
@@ -640,6 +661,13 @@ def _show(value: Any) -> str:
     if isinstance(value, list):
         return " ".join(map(str, value))
     return str(value)
+
+
+def world_size() -> int:
+    """How many processes train together: torch.distributed's world size, else 1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
 
 
 def _length(data: Any) -> int | None:

@@ -162,21 +162,27 @@ def test_without_a_checkpoint_plugin_it_still_stops_and_says_so(capfd) -> None:
 
 def test_the_previous_handler_is_back_after_fit() -> None:
     calls = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+
+    def mine(signum, frame):
+        calls.append(signum)
+
+    previous = {number: signal.signal(number, mine) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         inside = []
 
         class Look:
             def on_epoch_begin(self) -> None:
-                inside.append(signal.getsignal(signal.SIGINT))
+                inside.append([signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)])
 
-        interrupt = Interrupt()
-        make_learner([interrupt, Look()]).fit(1)
-        assert inside == [interrupt._on_sigint]
+        make_learner([Interrupt(), Look()]).fit(1)
+        ((during_sigint, during_sigterm),) = inside
+        assert during_sigint is not mine and during_sigterm is not mine
         signal.raise_signal(signal.SIGINT)
-        assert calls == [signal.SIGINT]
+        signal.raise_signal(signal.SIGTERM)
+        assert calls == [signal.SIGINT, signal.SIGTERM]
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def test_outside_the_main_thread_no_handler_is_installed() -> None:
@@ -207,7 +213,7 @@ def test_in_a_forked_child_the_handler_does_nothing() -> None:
     interrupt.on_fit_begin(learner)
     try:
         interrupt._pid = -1  # as in a DataLoader worker forked from this process
-        interrupt._on_sigint(signal.SIGINT, None)
-        assert learner.should_stop is False and interrupt.requested is False
+        interrupt._on_signal(signal.SIGINT, None)
+        assert learner.should_stop is False and interrupt.requested is None
     finally:
         interrupt._restore()

@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import random
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -36,7 +37,6 @@ from trainloop.run_folder import (
 )
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 DISABLE_AUTOLOAD = "TRAINLOOP_DISABLE_PLUGIN_AUTOLOAD"
 
 
@@ -65,9 +65,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"trainloop: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("trainloop: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as error:
+        number = getattr(error, "signal", signal.SIGINT)
+        if number == signal.SIGINT:
+            print("trainloop: interrupted", file=sys.stderr)
+        else:
+            print(f"trainloop: stopped by {signal.Signals(number).name}", file=sys.stderr)
+        return 128 + number  # 130 for Ctrl-C, 143 for SIGTERM: as a shell reports them
     except BrokenPipeError:  # output piped into a reader that quit (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
@@ -246,7 +250,7 @@ def run(argv: list[str]) -> int:
     aside: Path | None = None
     try:
         manager.hook.configure(config=config)
-        if config.is_main_process and not resuming:
+        if config.is_main_process and (not resuming or options.resume == "auto"):
             _check_fresh(run_dir, options)  # fail early, before the recipe loads its data
         learner = recipe.build(cfg)
         if not isinstance(learner, Learner):
@@ -305,12 +309,19 @@ def _check_out(out: Path) -> None:
 
 
 def _check_fresh(run_dir: Path, options: argparse.Namespace) -> None:
-    """A run that does not resume needs an empty folder, or ``--overwrite``."""
+    """A run that does not resume needs an empty folder, or ``--overwrite``.
+
+    ``--resume auto`` may also start in a folder that holds a run (one relaunched before
+    it wrote a checkpoint), never in one with other files.
+    """
     contents = run_contents(run_dir)
     if not contents or options.overwrite:
         return
+    holds_run = CONFIG_NAME in contents
+    if holds_run and getattr(options, "resume", None) == "auto":
+        return
     shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
-    what = "a run" if {"config.json", "checkpoints", "metrics.jsonl"} & set(contents) else "files"
+    what = "a run" if holds_run or {"checkpoints", "metrics.jsonl"} & set(contents) else "files"
     raise UsageError(
         f"--out {run_dir} already holds {what} ({shown}): continue it with --resume, give "
         "another --out, or replace it with --overwrite"
@@ -326,7 +337,7 @@ def _take_run_dir(
     except OSError as error:
         raise write_error(run_dir, error) from None
     lock.acquire()
-    if resuming:
+    if resuming and options.resume != "auto":
         return None
     _check_fresh(run_dir, options)  # again, under the lock: a run may have finished there
     if options.overwrite and run_contents(run_dir):
@@ -420,11 +431,12 @@ def _record_run(config: RunConfig, cfg: Any, command: list[str]) -> None:
     """
     path = config.run_dir / CONFIG_NAME
     resume = None
-    if config.resumed_from is not None:
+    relaunched = getattr(config.options, "resume", None) == "auto"
+    if config.resumed_from is not None or relaunched:
         resume = {
             "time": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": command,
-            "checkpoint": str(config.resumed_from),
+            "checkpoint": str(config.resumed_from) if config.resumed_from else None,
             "changed": config.changed_options,
         }
     if resume is not None and path.exists():
@@ -442,7 +454,7 @@ def _record_run(config: RunConfig, cfg: Any, command: list[str]) -> None:
         "options": vars(config.options),
         "trainloop_version": trainloop.__version__,
         "command": command,
-        "resumes": [resume] if resume is not None else [],
+        "resumes": [resume] if config.resumed_from is not None else [],
     }
     write_json_atomic(path, document)
 

@@ -29,3 +29,16 @@ class CancelEpoch(Exception):
 
 class StopFit(Exception):
     """Raise from a hook to end ``fit`` cleanly; a training batch it interrupts counts as done."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A run stopped on a signal, cleanly, with a checkpoint (raised after ``fit``).
+
+    A ``KeyboardInterrupt``, so code that handles Ctrl-C handles it too. ``signal`` is the
+    signal's number; the command line exits with ``128 + signal`` (130 for Ctrl-C, 143
+    for SIGTERM), as a shell reports a process that the signal ended.
+    """
+
+    def __init__(self, signal: int = 2) -> None:
+        super().__init__(signal)
+        self.signal = int(signal)
