@@ -670,3 +670,27 @@ def test_the_site_shows_printed_values_without_their_tolerances(built_site):
 
 def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
+
+
+# --- the install page -----------------------------------------------------------------
+
+
+def test_the_install_page_lists_every_extra_with_its_packages():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {"(none)": project["dependencies"], **project["optional-dependencies"]}
+    rows = table_rows((DOCS / "install.md").read_text(), "<!-- extras-table -->")
+    shown = {row[0]: [name.strip("`") for name in row[1].split(", ")] for row in rows}
+    # the packages' names, without their version bounds
+    wanted = {
+        extra.strip("`"): [re.split(r"[<>=!~; ]", requirement)[0] for requirement in requirements]
+        for extra, requirements in wanted.items()
+    }
+    assert shown == wanted
+
+
+def test_every_command_of_the_seed_map_parses(docs_folder):
+    rows = table_rows((DOCS / "from-the-seed.md").read_text(), "<!-- seed-table -->")
+    assert len(rows) >= 10
+    for seed_name, _, command in rows:
+        parse_command(command, f"from-the-seed.md: {seed_name}")

@@ -8,6 +8,9 @@
   plugins that implement it. The groups are the section comments of
   ``trainloop/hookspecs.py`` (``# --- Title: ...``), with the ``on_predict_*`` events
   as their own group ``Predict``, so a hook added there shows up by itself.
+* ``<!-- modules: PACKAGE -->`` becomes a mkdocstrings entry (``::: PACKAGE.NAME``) for
+  each module of the package, in name order, so a module added later is in the API
+  reference by itself (``trainloop.plugins`` is the ``plugins/`` folder).
 * In ``text`` and ``console`` code blocks, ``0.93±0.02`` (a number the tests compare
   with a tolerance, ``tests/docs_output.py``) shows as ``0.93``: what the program prints.
 * The nav sections "Plugins" and "Learn" get every page of ``docs/plugins/`` and
@@ -24,6 +27,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "<!-- builtin-plugins -->"
+MODULES = re.compile(r"<!-- modules: (?P<package>[\w.]+) -->")
 HOOK_GROUP = re.compile(r"<!-- hooks: (?P<group>[^>]+?) -->")
 NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 TOLERANCE = re.compile(rf"({NUMBER})±{NUMBER}")  # as in tests/docs_output.py
@@ -118,6 +122,22 @@ def hook_reference(group: str, docs_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def package_modules(package: str) -> list[str]:
+    """The dotted names of the public modules of ``package`` (a package of this project)."""
+    folder = (
+        ROOT / "plugins" if package == "trainloop.plugins" else ROOT.joinpath(*package.split("."))
+    )
+    return [
+        f"{package}.{path.stem}"
+        for path in sorted(folder.glob("*.py"))
+        if not path.name.startswith("_")
+    ]
+
+
+def module_entries(package: str) -> str:
+    return "\n".join(f"::: {module}\n" for module in package_modules(package))
+
+
 def show_values(markdown: str) -> str:
     """``0.93±0.02`` -> ``0.93`` inside the text and console code blocks."""
     return OUTPUT_BLOCK.sub(lambda block: TOLERANCE.sub(r"\1", block[0]), markdown)
@@ -160,5 +180,6 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     docs_dir = Path(config["docs_dir"])
     if MARKER in markdown:
         markdown = markdown.replace(MARKER, plugin_table(docs_dir))
+    markdown = MODULES.sub(lambda match: module_entries(match["package"]), markdown)
     markdown = HOOK_GROUP.sub(lambda match: hook_reference(match["group"], docs_dir), markdown)
     return show_values(markdown)
