@@ -218,3 +218,43 @@ def test_under_torchrun_a_sigterm_to_one_process_stops_both_after_the_same_batch
     checkpoint = torch.load(out / "checkpoints" / "interrupt.pt", weights_only=True)
     assert checkpoint["world_size"] == 2
     assert checkpoint["learner"]["step"] == stopped["step"]
+
+
+def test_torchrun_restarts_a_killed_worker_and_resume_auto_ends_with_the_unbroken_weights(
+    recipe, tmp_path
+):
+    def torchrun(out: Path, *extra: str) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "--max-restarts", "2", "--monitor-interval", "0.2", *extra,
+            "-m", "trainloop", "run", str(recipe), "--out", str(out), "--resume", "auto",
+            "--checkpoint-every", "1", "--sleep", "0.05",
+        ]  # fmt: skip
+
+    unbroken = tmp_path / "unbroken"
+    done = subprocess.run(torchrun(unbroken), env=ENV, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+
+    out = tmp_path / "restarted"
+    process = subprocess.Popen(
+        torchrun(out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        for line in process.stdout:  # rank 0's beacons; kill rank 1 in the second epoch
+            if line.startswith("beacon step 6"):
+                found = subprocess.run(
+                    ["pgrep", "-f", f"trainloop run {recipe} --out {out}"],
+                    capture_output=True, text=True,
+                )  # fmt: skip
+                workers = sorted(int(pid) for pid in found.stdout.split())
+                os.kill(workers[-1], signal.SIGKILL)
+                break
+        _, err = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, err
+    assert_same(weights(out), weights(unbroken))
+    resumes = json.loads((out / "config.json").read_text())["resumes"]
+    assert resumes and resumes[-1]["checkpoint"] == str(out / "checkpoints" / "last.pt")
