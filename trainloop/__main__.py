@@ -2,6 +2,6 @@
 
 import sys
 
-from trainloop.cli import main
+from trainloop._console import main
 
 sys.exit(main())

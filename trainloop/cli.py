@@ -12,14 +12,10 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, NoReturn
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trainloop
 from trainloop.errors import TrainingError, UsageError
-from trainloop.learner import Learner
 from trainloop.manager import PluginManager
 from trainloop.recipe import add_config_options, load_recipe, make_config
 from trainloop.run import RunConfig
@@ -35,6 +31,9 @@ from trainloop.run_folder import (
     write_error,
     write_json_atomic,
 )
+
+if TYPE_CHECKING:  # torch loads only when a run needs it: --version and --help stay quick
+    from trainloop.learner import Learner
 
 EXIT_USAGE = 2
 DISABLE_AUTOLOAD = "TRAINLOOP_DISABLE_PLUGIN_AUTOLOAD"
@@ -109,20 +108,11 @@ def _dispatch(argv: list[str]) -> int:
     return run(argv[1:])
 
 
-class _PluginSpecs(list):
-    """The ``-p`` values in order, carrying ``--strict-plugins`` along to ``load_plugins``."""
-
-    strict = False
-
-
 def _plugin_selection(argv: list[str], prog: str) -> tuple[argparse.Namespace, list[str]]:
     """Parse the options that decide which plugins load, before the plugins add theirs."""
     early = _Parser(prog=prog, add_help=False, allow_abbrev=False)
     _add_selection_options(early)
-    selection, rest = early.parse_known_args(argv)
-    selection.plugins = _PluginSpecs(selection.plugins)
-    selection.plugins.strict = selection.strict_plugins
-    return selection, rest
+    return early.parse_known_args(argv)
 
 
 def _add_selection_options(parser: argparse.ArgumentParser) -> None:
@@ -143,15 +133,12 @@ def _add_selection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def load_plugins(specs: list[str], strict: bool | None = None) -> PluginManager:
+def load_plugins(specs: list[str], strict: bool = False) -> PluginManager:
     """A plugin manager with the built-ins, entry points and ``-p`` plugins loaded.
 
     An installed plugin that fails to load is left out with a one-line warning (on the
     first process only), or, when ``strict`` (``--strict-plugins``), is a UsageError.
-    ``strict`` defaults to what ``_plugin_selection`` parsed along with ``specs``.
     """
-    if strict is None:
-        strict = getattr(specs, "strict", False)
     manager = PluginManager()
     for spec in specs:
         if spec.startswith("no:"):
@@ -220,7 +207,7 @@ def run(argv: list[str]) -> int:
     prog = f"trainloop run {recipe_path}"
     selection, _ = _plugin_selection(argv[1:], prog)
     recipe = load_recipe(recipe_path)
-    manager = load_plugins(selection.plugins)
+    manager = load_plugins(selection.plugins, strict=selection.strict_plugins)
 
     parser = _Parser(prog=prog, allow_abbrev=False, description=recipe.__doc__)
     field_names = add_config_options(parser, recipe.Config)
@@ -253,6 +240,8 @@ def run(argv: list[str]) -> int:
         if config.is_main_process and (not resuming or options.resume == "auto"):
             _check_fresh(run_dir, options)  # fail early, before the recipe loads its data
         learner = recipe.build(cfg)
+        from trainloop.learner import Learner
+
         if not isinstance(learner, Learner):
             raise UsageError(
                 f"recipe {recipe_path}: build(cfg) returned {type(learner).__name__}, not a Learner"
@@ -418,6 +407,9 @@ def _known_plugin_names() -> set[str]:
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's random number generators."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
