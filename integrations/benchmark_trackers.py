@@ -5,8 +5,12 @@ data (batch 64), trained by a hand-written loop and by trainloop with the same m
 data and seed, alternating in one process, so each ratio compares runs made under the
 same machine load. Plugin sets: the default ones (progress, metrics_jsonl), the same
 plus MLflow logging to a local ``mlflow server`` (per-step logging off, then
-``--mlflow-every 1``), and plus W&B in offline mode. Then the time one epoch end spends
-logging (``on_epoch_end`` of the logger, three metrics) against the server.
+``--mlflow-every 1``), and plus W&B in offline mode. For each it prints the time per
+step of the batch loop alone (the training phase, timed from ``on_train_begin`` to
+``on_train_end``) and of the whole ``fit``, whose extra over the default set is the
+tracker's fixed cost per fit (creating the run, params, the epoch's metrics, uploading
+files, ending the run). Then the time one epoch end spends logging (``on_epoch_end`` of
+the logger, three metrics) against the server.
 
 Run: ``python integrations/benchmark_trackers.py [--rounds 5] [--steps 1000]`` with
 both packages installed (``pip install ./integrations/trainloop-mlflow
@@ -68,8 +72,23 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("mlflow server did not start")
 
 
-def with_plugins(workload, options: list[str]) -> float:
-    """Seconds per step of one epoch of trainloop with the default plugins and ``options``."""
+class TrainPhaseTimer:
+    """Times the training phase of each epoch: the batch loop, without the epoch ends."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_train_begin(self) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+
+def with_plugins(workload, options: list[str]) -> tuple[float, float]:
+    """Seconds per step of one epoch of trainloop with the default plugins and ``options``:
+    of the whole ``fit``, and of its batch loop only."""
     make_model, loss_func, make_optimizer, data = workload
     torch.manual_seed(0)
     learner = Learner(make_model(), data, loss_func=loss_func, optimizer=make_optimizer)
@@ -91,11 +110,13 @@ def with_plugins(workload, options: list[str]) -> float:
     for plugin in learner.plugin_manager.get_plugins():
         if hasattr(plugin, "stream"):
             plugin.stream = io.StringIO()
+    timer = TrainPhaseTimer()
+    learner.add_plugin(timer, "timer")
     start = time.perf_counter()
     learner.fit(1)
     seconds = (time.perf_counter() - start) / len(data)
     manager.hook.unconfigure(config=config)
-    return seconds
+    return seconds, timer.seconds / len(data)
 
 
 def epoch_logging_ms(uri: str, epochs: int) -> list[float]:
@@ -120,7 +141,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     folder = Path(tempfile.mkdtemp(prefix="trackers-server-"))
     server, uri = start_server(folder)
     os.environ["WANDB_SILENT"] = "true"
@@ -134,25 +157,29 @@ def main() -> None:
             "+wandb offline": ["--wandb-project", "bench", "--wandb-mode", "offline"],
         }
         with_plugins(workload, logged)  # warm up: imports, the server's first requests
-        times: dict[str, list[float]] = {name: [] for name in ("hand", *sets)}
+        fits: dict[str, list[float]] = {name: [] for name in ("hand", *sets)}
+        loops: dict[str, list[float]] = {name: [] for name in ("hand", *sets)}
         for _ in range(args.rounds):  # alternate, so drifts in machine load hit all alike
-            times["hand"].append(hand_written(*workload))
+            hand = hand_written(*workload)
+            fits["hand"].append(hand)
+            loops["hand"].append(hand)
             for name, options in sets.items():
-                times[name].append(with_plugins(workload, options))
+                fit, loop = with_plugins(workload, options)
+                fits[name].append(fit)
+                loops[name].append(loop)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"{args.steps} steps/epoch, median of {args.rounds} rounds")  # fmt: skip
-        hand = statistics.median(times["hand"])
-        default = statistics.median(times["default"])
-        print(f"{'plugins':<18} {'s/step':>10} {'/hand':>7} {'/default':>9} {'extra ms/epoch':>15}")
+        median = {name: statistics.median(values) for name, values in loops.items()}
+        print(f"{'plugins':<16} {'loop s/step':>12} {'/hand':>7} {'/default':>9}"
+              f" {'fit s/step':>11} {'fit extra ms vs default':>24}")  # fmt: skip
         for name in ("hand", *sets):
-            value = statistics.median(times[name])
-            extra = (value - default) * args.steps * 1000
-            print(f"{name:<18} {value:>10.3e} {value / hand:>7.3f} {value / default:>9.3f}"
-                  f" {extra:>15.1f}")  # fmt: skip
-        step_cost = statistics.median(times["+mlflow every 1"]) - statistics.median(
-            times["+mlflow"]
-        )
-        print(f"per-step logging (--mlflow-every 1): {step_cost * 1e6:.1f} us per step")
+            fit = statistics.median(fits[name])
+            extra = (fit - statistics.median(fits["default"])) * args.steps * 1000
+            print(f"{name:<16} {median[name]:>12.3e} {median[name] / median['hand']:>7.3f}"
+                  f" {median[name] / median['default']:>9.3f} {fit:>11.3e} {extra:>24.1f}")  # fmt: skip
+        step_cost = median["+mlflow every 1"] - median["+mlflow"]
+        print(f"per-step logging (--mlflow-every 1): {step_cost * 1e6:+.1f} us per step "
+              "(batch loop, against --mlflow-every 0)")  # fmt: skip
         epoch_times = epoch_logging_ms(uri, 30)
         print(
             f"one epoch end logged to {uri}: median {statistics.median(epoch_times):.1f} ms, "

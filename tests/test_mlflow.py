@@ -38,6 +38,7 @@ if not any(entry.name == "mlflow" for entry in entry_points(group="trainloop")):
     )
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 MNIST = str(ROOT / "recipes" / "mnist_mlp.py")
 CARVANA = str(ROOT / "recipes" / "unet_carvana.py")
 SCREENSHOT = ROOT / "docs" / "trackers" / "mlflow-ui.png"
@@ -546,3 +547,22 @@ def test_the_logger_guides_excerpts_are_still_in_the_plugins_source():
                 continue
             assert line in lines[position:], f"not in trainloop_mlflow.py (in order): {line}"
             position = lines.index(line, position) + 1
+
+
+def test_mlflow_log_model_logs_a_model_that_mlflow_pytorch_loads(tmp_path):
+    import mlflow.pytorch
+    import torch
+
+    recipe = write_tiny_recipe(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    status = main(["run", str(recipe), "--out", str(out), "--epochs", "2", "--progress", "plain",
+                   "--mlflow-uri", uri, "--mlflow-log-model"])  # fmt: skip
+    assert status == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    local = client.download_artifacts(run.info.run_id, "model", str(tmp_path))
+    model = mlflow.pytorch.load_model(local)
+    saved = torch.load(out / "model.pt", weights_only=True)["model"]  # the model_saver's file
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name

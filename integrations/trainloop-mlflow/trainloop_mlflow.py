@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import numbers
 import os
 import struct
@@ -242,13 +243,13 @@ class MLflowLogger:
         if self._flush():
             self._upload_files(learner)
             if self.log_model and learner.exception is None:
-                self._call(self._log_pytorch_model, learner)
+                self._call(self._log_pytorch_model, learner, retry=False)
             status = "FINISHED"
             if isinstance(learner.exception, KeyboardInterrupt):
                 status = "KILLED"
             elif learner.exception is not None:
                 status = "FAILED"
-            self._call(self._client.set_terminated, self.run_id, status)
+            self._call(self._client.set_terminated, self.run_id, status, retry=False)
         self._summary()
 
     def on_predict_end(self, learner: Learner) -> None:
@@ -347,16 +348,15 @@ class MLflowLogger:
         self.run_id = run.info.run_id
         _say(f"logging to run {self.run_id} in {self._where(experiment_id)}")
 
-    def _call(self, function: Any, *args: Any) -> bool:
+    def _call(self, function: Any, *args: Any, retry: bool = True) -> bool:
         """Call ``function``; a failure of the tracking store is one warning line."""
         try:
             function(*args)
         except self._errors as error:
             self.failures += 1
-            _warn(
-                f"call to {self.tracking_uri or 'the tracking store'} failed "
-                f"({_one_line(error)}); retried at the next epoch end"
-            )
+            then = "retried at the next epoch end" if retry else "not retried"
+            where = self.tracking_uri or "the tracking store"
+            _warn(f"call to {where} failed ({_one_line(error)}); {then}")
             return False
         return True
 
@@ -370,19 +370,24 @@ class MLflowLogger:
         if not self.failures:
             return
         if self.run_id is not None and not self._pending_metrics:
-            outcome = "everything was sent on a later try"
+            outcome = "every metric was sent on a later try"
         else:
             outcome = f"{len(self._pending_metrics)} metric values were not sent"
         _warn(f"{self.failures} call(s) to the tracking store failed during fit; {outcome}")
 
     # --- files -------------------------------------------------------------------------
 
-    def step_due(self) -> bool:
-        """Whether queued per-step values should go now rather than at the epoch end."""
-        return (
+    def log_step(self, key: str, value: float, step: int) -> None:
+        """Queue a per-step value; it goes with the epoch's metrics, or sooner when
+        ``STEP_FLUSH_SECONDS`` have passed or a call's worth is queued (and the last
+        call worked: a dead server costs its timeout at epoch ends only)."""
+        self._pending_metrics.append((key, value, step, _milliseconds()))
+        due = (
             len(self._pending_metrics) >= MAX_METRICS_PER_CALL
-            or (time.monotonic() - self._last_flush > STEP_FLUSH_SECONDS)
-        ) and self._last_flush_ok
+            or time.monotonic() - self._last_flush > STEP_FLUSH_SECONDS
+        )
+        if due and self._last_flush_ok:
+            self._flush()
 
     def _upload_files(self, learner: Learner) -> None:
         run_dir = learner.run_dir
@@ -394,13 +399,13 @@ class MLflowLogger:
             stat = path.stat()
             if self._uploaded.get(path) == (stat.st_size, stat.st_mtime_ns):
                 continue
-            if not self._call(self._client.log_artifact, self.run_id, str(path)):
+            if not self._call(self._client.log_artifact, self.run_id, str(path), retry=False):
                 return
             self._uploaded[path] = (stat.st_size, stat.st_mtime_ns)
         if self.images and not self._images_sent:
             with tempfile.TemporaryDirectory(prefix="trainloop-mlflow-") as folder:
                 if write_event_images(Path(run_dir), Path(folder)) and self._call(
-                    self._client.log_artifacts, self.run_id, folder
+                    self._client.log_artifacts, self.run_id, folder, retry=False
                 ):
                     self._images_sent = True
 
@@ -421,11 +426,18 @@ class MLflowLogger:
             code.append(module.__file__)  # the model's class lives in the recipe
         with tempfile.TemporaryDirectory(prefix="trainloop-mlflow-") as folder:
             path = Path(folder) / "model"
+            # Pickled, not MLflow 3's default 'pt2' export, which needs an input example.
+            pickled = (
+                {"serialization_format": "pickle"}
+                if "serialization_format" in inspect.signature(mlflow.pytorch.save_model).parameters
+                else {}
+            )
             mlflow.pytorch.save_model(
                 learner.model,
                 str(path),
                 code_paths=code or None,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                **pickled,
             )
             self._client.log_artifacts(self.run_id, str(path), "model")
 
@@ -440,11 +452,7 @@ class _StepLoss:
         logger = self.logger
         if not learner.training or learner.loss is None or learner.step % logger.every:
             return
-        logger._pending_metrics.append(
-            (STEP_LOSS, float(learner.loss.item()), learner.step, _milliseconds())
-        )
-        if logger.step_due():
-            logger._flush()
+        logger.log_step(STEP_LOSS, float(learner.loss.item()), learner.step)
 
 
 # --- what a CLI run logs ----------------------------------------------------------------

@@ -231,6 +231,14 @@ class WandbLogger:
         if self.run is not None:
             self._save_files(learner.run_dir)
 
+    def log_step(self, record: dict[str, Any]) -> None:
+        """Log a per-step record now (wandb sends it in the background), or with the
+        next epoch end if the run could not be started yet."""
+        if self.run is not None:
+            self.run.log(record)
+        else:
+            self._pending.append(record)
+
     def finish(self) -> None:
         """Save the run folder's new files and end the W&B run (once)."""
         if self.run is None:
@@ -335,11 +343,7 @@ class _StepLoss:
         logger = self.logger
         if not learner.training or learner.loss is None or learner.step % logger.every:
             return
-        record = {STEP: learner.step, STEP_LOSS: float(learner.loss.item())}
-        if logger.run is not None:
-            logger.run.log(record)
-        else:  # not started yet: goes with the next epoch end
-            logger._pending.append(record)
+        logger.log_step({STEP: learner.step, STEP_LOSS: float(learner.loss.item())})
 
 
 # --- what a CLI run logs ----------------------------------------------------------------
