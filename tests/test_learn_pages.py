@@ -568,4 +568,4 @@ def test_carvana_picture_on_the_unet_page_has_the_layout_of_the_default_run():
 
     picture = Image.open(LEARN / "carvana_samples.png")
     assert picture.size == (expected.shape[2], expected.shape[1])
-    assert "(carvana_samples.png)" in (LEARN / "unet.md").read_text()
+    assert "(carvana_samples_labelled.png)" in (LEARN / "unet.md").read_text()  # labelled
