@@ -566,3 +566,18 @@ def test_mlflow_log_model_logs_a_model_that_mlflow_pytorch_loads(tmp_path):
     saved = torch.load(out / "model.pt", weights_only=True)["model"]  # the model_saver's file
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
+
+
+def test_a_fit_that_fails_before_the_logger_starts_reports_its_own_error(tmp_path):
+    from conftest import make_learner
+    from trainloop_mlflow import MLflowLogger
+
+    class Boom:
+        def on_fit_begin(self):
+            raise RuntimeError("boom")
+
+    logger = MLflowLogger(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    learner = make_learner(plugins=[Boom(), logger])
+    with pytest.raises(RuntimeError, match="boom"):
+        learner.fit(1)
+    assert logger.run_id is None and not (tmp_path / "mlflow.db").exists()

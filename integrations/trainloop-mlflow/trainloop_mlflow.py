@@ -240,6 +240,8 @@ class MLflowLogger:
             self._step_logger
         ):
             learner.plugin_manager.unregister(self._step_logger)
+        if self._client is None:  # fit failed before this plugin's on_fit_begin
+            return
         if self._flush():
             self._upload_files(learner)
             if self.log_model and learner.exception is None:

@@ -213,6 +213,8 @@ class WandbLogger:
             self._step_logger
         ):
             learner.plugin_manager.unregister(self._step_logger)
+        if not self._errors:  # fit failed before this plugin's on_fit_begin
+            return
         self._exit_code = 0 if learner.exception is None else 1
         if self._send():
             self._save_files(learner.run_dir)
