@@ -543,6 +543,16 @@ def test_check_size_names_the_nearest_valid_sizes():
         check_size((10, 12), depth=4)
 
 
+def test_check_size_of_zero_or_negative_sides_suggests_a_positive_size():
+    with pytest.raises(UsageError) as error:
+        check_size((0, 0), depth=4)
+    assert str(error.value) == (
+        "image size 0x0: each side must be a positive multiple of 2^4=16: use 16x16 or larger"
+    )
+    with pytest.raises(UsageError, match="use 48x16 or larger$"):
+        check_size((40, -3), depth=4)
+
+
 def test_float_images_turns_uint8_batches_into_the_float32_dataset_values(generated):
     import functools
 

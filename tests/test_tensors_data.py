@@ -116,3 +116,51 @@ def test_empty_tensors_give_no_batches():
 def test_bad_input_is_a_value_error_that_says_what_is_wrong(tensors, batch_size, message):
     with pytest.raises(ValueError, match=message):
         TensorBatches(*tensors, batch_size=batch_size)
+
+
+class _Crash:
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_batch_end(self, learner) -> None:
+        if learner.training and learner.step + 1 == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def _shuffled_learner(plugins=()):
+    import functools
+
+    from trainloop import Learner
+    from trainloop.data.seeding import SetDataEpoch
+
+    inputs = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    target = (inputs.sum(dim=1) > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 2), torch.nn.LogSoftmax(1)
+    )
+    return Learner(
+        model,
+        TensorBatches(inputs, target, batch_size=8, shuffle=True),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        plugins=[SetDataEpoch(), *plugins],  # as the recipes have it: no effect on TensorBatches
+    )
+
+
+@pytest.mark.parametrize(("crash_at", "every"), [(8, 3), (8, 0)], ids=["mid-epoch", "epoch-end"])
+def test_shuffled_tensor_batches_resume_exactly(tmp_path, crash_at, every):
+    from trainloop.data.seeding import resume_exactness_warning
+    from trainloop.plugins.checkpoint import Checkpoint
+
+    reference = _shuffled_learner()
+    reference.fit(3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _shuffled_learner([Checkpoint(tmp_path, every=every), _Crash(crash_at)]).fit(3)
+    torch.manual_seed(99)  # everything must come from the checkpoint
+    resumed = _shuffled_learner([Checkpoint(tmp_path, resume=tmp_path / "last.pt")])
+    resumed.fit(3)
+
+    expected = reference.model.state_dict()
+    for name, weight in resumed.model.state_dict().items():
+        assert torch.equal(weight, expected[name]), name
+    assert resume_exactness_warning(resumed.train_data) is None

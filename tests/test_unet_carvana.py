@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import json
 import shutil
@@ -219,6 +220,71 @@ def test_an_image_size_not_divisible_by_two_to_the_depth_names_the_nearest_valid
         generated, tmp_path, capsys, "--image-size", "150", "100", "--depth", "4"
     )
     assert line.endswith("--image-size 150x100 is not divisible by 2^4=16: use 160x112 or 144x96")
+
+
+def test_an_image_size_of_zero_suggests_the_smallest_valid_size(generated, tmp_path, capsys):
+    line = run_expecting_usage_error(generated, tmp_path, capsys, "--image-size", "0", "0")
+    assert line.endswith(
+        "--image-size 0x0: each side must be a positive multiple of 2^2=4: use 4x4 or larger"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_mistyped_input_dir_is_a_usage_error_and_nothing_is_generated(tmp_path, capsys):
+    typo = tmp_path / "inptu"
+    line = run_expecting_usage_error(typo, tmp_path, capsys)
+    assert line.endswith(
+        f"--input-dir {typo} has no Carvana data (no photos in train/, no Kaggle zip files): "
+        "download the competition's files there (docs/carvana.md), or add --synthetic to "
+        "generate a synthetic set there"
+    )
+    assert not typo.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_synthetic_option_asks_for_a_generated_set_in_another_folder(tmp_path, capsys):
+    elsewhere = tmp_path / "tiny"
+    status = main(
+        ["run", RECIPE, "--input-dir", str(elsewhere), *TINY, "--out", str(tmp_path / "run"),
+         "--synthetic-cars", "2", "--synthetic-test-cars", "1", "--synthetic-size", "56", "40",
+         "--no-tensorboard", "--no-predict"]
+    )  # fmt: skip
+    assert status == 0
+    assert (
+        f"no Carvana data in {elsewhere}: generated a synthetic set there (2 training and 1 "
+        "test cars, 56x40 photos)" in capsys.readouterr().out
+    )
+    assert len(list((elsewhere / "train").glob("*.jpg"))) == 32
+    recipe = load_recipe(Path(RECIPE))
+    assert recipe.wants_synthetic(recipe.Config(input_dir=Path("other"), synthetic=True))
+    assert recipe.wants_synthetic(recipe.Config())  # the default folder, input
+    assert not recipe.wants_synthetic(recipe.Config(input_dir=Path("other")))
+
+
+def test_build_from_python_seeds_from_cfg_seed_as_the_command_line_does(generated, tmp_path):
+    recipe = load_recipe(Path(RECIPE))
+    cfg = recipe.Config(
+        input_dir=generated, image_size=(32, 24), depth=2, base_width=4, epochs=1,
+        predict=False, seed=3,
+    )  # fmt: skip
+    torch.manual_seed(100)
+    first = recipe.build(cfg)
+    torch.manual_seed(200)  # the global RNG before build plays no part
+    second = recipe.build(cfg)
+    other_seed = recipe.build(dataclasses.replace(cfg, seed=4))
+    for name, weight in first.model.state_dict().items():
+        assert torch.equal(weight, second.model.state_dict()[name]), name
+    assert not torch.equal(first.model.stem[0].weight, other_seed.model.stem[0].weight)
+    assert torch.equal(next(iter(first.train_data))[0], next(iter(second.train_data))[0])
+
+    first.fit(cfg.epochs)
+    status = main(
+        ["run", RECIPE, "--input-dir", str(generated), *TINY, "--out", str(tmp_path / "run"),
+         "--seed", "3", "--no-predict", "--no-tensorboard"]
+    )  # fmt: skip
+    assert status == 0
+    from_cli = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    for name, weight in first.model.state_dict().items():
+        assert torch.equal(weight, from_cli["model"][name]), name
 
 
 @pytest.mark.parametrize(
