@@ -60,7 +60,7 @@ def loss_curves(history: Sequence[dict[str, Any]], metric: str, title: str) -> I
         {"train_loss": TRAIN, "valid_loss": VALID},
     )
     values = {metric: [row[metric] for row in history]}
-    _plot(canvas, (440, 40, 740, 250), epochs, values, metric, {metric: METRIC}, low=0.0, high=1.0)
+    _plot(canvas, (440, 40, 740, 250), epochs, values, metric, {metric: METRIC}, 0.0, 1.0, False)
     return image
 
 
@@ -73,6 +73,7 @@ def _plot(
     colours: dict[str, tuple[int, int, int]],
     low: float | None = None,
     high: float | None = None,
+    legend_at_top: bool = True,
 ) -> None:
     left, top, right, bottom = box
     values = [value for line in series.values() for value in line]
@@ -109,7 +110,7 @@ def _plot(
             canvas.ellipse(
                 (point[0] - 3, point[1] - 3, point[0] + 3, point[1] + 3), fill=colours[name]
             )
-        legend_y = top + 12 + 16 * row
+        legend_y = top + 12 + 16 * row if legend_at_top else bottom - 12 - 16 * row
         canvas.line(((right - 120, legend_y), (right - 100, legend_y)), fill=colours[name], width=2)
         canvas.text((right - 94, legend_y), name, fill=INK, font=small, anchor="lm")
 
