@@ -91,6 +91,7 @@ import os
 import random
 import secrets
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path, PurePath
 from typing import Any, BinaryIO
@@ -336,6 +337,11 @@ class Checkpoint:
             )
         if changed and self.write:
             print(f"resume: options changed since the checkpoint, applied: {shown}", flush=True)
+        from trainloop.data.seeding import resume_exactness_warning
+
+        warning = resume_exactness_warning(learner.train_data)
+        if warning and self.write:
+            print(f"trainloop: warning: {warning}", file=sys.stderr, flush=True)
         return changed
 
     def _restore(self, learner: Learner, checkpoint: dict[str, Any]) -> None:

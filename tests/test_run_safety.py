@@ -434,3 +434,43 @@ def test_a_failing_recipe_leaves_no_default_folder_behind(tmp_path, capsys, monk
     status, _, err = run("run", recipe, capsys=capsys)
     assert status == 2 and "--steps 0" in err
     assert not (tmp_path / "runs").exists()
+
+
+# --- 4. where exactness cannot be promised, the resume says so --------------------------
+
+OWN_SAMPLER = """
+from dataclasses import dataclass
+import functools, torch
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
+from trainloop import Learner
+
+class CountingBatches(BatchSampler):
+    '''A batch sampler with state of its own, which no checkpoint holds.'''
+
+@dataclass
+class Config:
+    lr: float = 0.1
+
+def build(cfg):
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    batches = CountingBatches(SequentialSampler(data), batch_size=8, drop_last=False)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.LogSoftmax(1))
+    return Learner(model, DataLoader(data, batch_sampler=batches),
+                   optimizer=functools.partial(torch.optim.SGD, lr=cfg.lr))
+"""
+
+
+def test_a_resume_says_in_one_line_when_the_data_may_not_replay_exactly(tmp_path, capsys):
+    recipe = tmp_path / "own_sampler.py"
+    recipe.write_text(OWN_SAMPLER)
+    out = tmp_path / "run"
+    assert run("run", recipe, "--out", out, capsys=capsys)[0] == 0
+    status, _, err = run("run", recipe, "--epochs", 2, "--resume", "--out", out, capsys=capsys)
+    assert status == 0
+    assert (
+        "trainloop: warning: resume may not be exact: the training DataLoader's batch sampler "
+        "CountingBatches may keep state that no checkpoint holds" in err
+    )
+    status, _, err = run("run", recipe, "--epochs", 2, "--out", tmp_path / "fresh", capsys=capsys)
+    assert "warning" not in err  # only a resume warns
