@@ -20,6 +20,7 @@ from torch.utils.data import (
     SequentialSampler,
     SubsetRandomSampler,
     WeightedRandomSampler,
+    get_worker_info,
 )
 
 from trainloop.hookspecs import hookimpl
@@ -67,21 +68,28 @@ def seeded_rng(seed: int) -> Iterator[None]:
 
     Their states are put back afterwards, so the block neither depends on nor changes
     the random numbers the rest of the process draws. Seeding is as
-    ``trainloop run --seed`` does it: ``random.seed(seed)``,
-    ``np.random.seed(seed % 2**32)``, ``torch.manual_seed(seed)``.
+    ``trainloop run --seed`` does it on the CPU: ``random.seed(seed)``,
+    ``np.random.seed(seed % 2**32)``, ``torch.manual_seed(seed)`` (CUDA's generators
+    are left alone).
     """
     python_state = random.getstate()
     numpy_state = np.random.get_state()
     torch_state = torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    _seed_globals(seed)
     try:
         yield
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
         torch.set_rng_state(torch_state)
+
+
+def _seed_globals(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    # The CPU generator only: torch.manual_seed also visits every other backend, which
+    # costs a hundred times as much, per sample.
+    torch.default_generator.manual_seed(seed)
 
 
 class SeededSampler(Sampler[tuple[int, int]]):
@@ -197,11 +205,15 @@ class SeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: int | tuple[int, int]) -> Any:
-        if isinstance(key, tuple):
-            index, sample_seed = key
-            with seeded_rng(sample_seed):
-                return self.dataset[index]
-        return self.dataset[key]
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        index, sample_seed = key
+        if get_worker_info() is not None:
+            # A worker process draws random numbers for its items only: no state to keep.
+            _seed_globals(sample_seed)
+            return self.dataset[index]
+        with seeded_rng(sample_seed):
+            return self.dataset[index]
 
 
 def seeded_loader(
