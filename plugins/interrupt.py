@@ -129,10 +129,12 @@ class Interrupt:
         self._previous: dict[signal.Signals, Any] = {}
         self._pid = 0
         self._distributed = False
+        self._pending: tuple[Any, Any] | None = None  # the all_reduce of the last check
 
     def on_fit_begin(self, learner: Learner) -> None:
         self.requested = None
         self.path = None
+        self._pending = None
         self._learner = learner
         self._distributed = _world_size() > 1
         if self._distributed and not learner.plugin_manager.has_plugin(AGREEMENT_NAME):
@@ -163,15 +165,25 @@ class Interrupt:
             )
 
     def agree(self, learner: Learner) -> None:
-        """Stop on every process if any process got a signal (one ``all_reduce``)."""
+        """Stop on every process if any process had got a signal at the previous check.
+
+        Each check starts an asynchronous ``all_reduce`` of this process's flag and reads
+        the one started at the check before, which has long finished: no process waits
+        for the others here, and all of them decide on the same batch.
+        """
         import torch
         import torch.distributed as dist
 
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            if flag.item():
+                self.requested = self.requested or signal.Signals(int(flag.item()))
+                learner.should_stop = True
+                self._pending = None
+                return
         flag = torch.tensor([int(self.requested or 0)], device=_device_of(learner))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            self.requested = self.requested or signal.Signals(int(flag.item()))
-            learner.should_stop = True
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
 
     @hookimpl(wrapper=True)  # after every other on_fit_end: logs flushed, files written
     def on_fit_end(self, learner: Learner) -> Iterator[None]:
@@ -179,6 +191,13 @@ class Interrupt:
         self._learner = None
         if learner.plugin_manager.has_plugin(AGREEMENT_NAME):
             learner.plugin_manager.unregister(name=AGREEMENT_NAME)
+        if self._pending is not None:  # every process started it: every process waits for it
+            try:
+                self._pending[0].wait()
+            except Exception:
+                if learner.exception is None:
+                    raise  # otherwise the error that ended fit is the one to report
+            self._pending = None
         result = yield
         if self.requested is not None and learner.exception is None:
             self.path = learner.hook.save_checkpoint(learner=learner, name=CHECKPOINT_NAME)
@@ -227,7 +246,7 @@ class _StopAgreement:
     """The per-batch half of :class:`Interrupt` in a distributed run.
 
     The processes must stop after the same batch, or the next collective waits forever:
-    every ``check_every`` training batches they compare their flags.
+    every ``check_every`` training batches they compare their flags (asynchronously).
     """
 
     def __init__(self, interrupt: Interrupt) -> None:
