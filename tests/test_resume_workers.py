@@ -47,7 +47,7 @@ class SlowBatches:
 
     def on_batch_end(self, learner):
         if learner.training:
-            time.sleep(0.15)
+            time.sleep(0.3)
 
 
 SLOW = SlowBatches()
@@ -93,26 +93,28 @@ def _resume_point(out: Path) -> dict | None:
 
 def _run_and_kill(carvana: Path, out: Path, kill_when, *options: str) -> dict:
     """Start a run, SIGKILL it once ``kill_when(resume point of last.pt)``; return that point."""
-    process = subprocess.Popen(
-        _command(carvana, out, *options, "-p", "slow_batches:SLOW"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=_environment(carvana),
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while process.poll() is None and time.monotonic() < deadline:
-            point = _resume_point(out)
-            if point is not None and kill_when(point):
-                break
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == -signal.SIGKILL, stderr.decode()
+    log = out.parent / f"{out.name}.log"  # a file, not a pipe that nobody reads until the end
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            _command(carvana, out, *options, "-p", "slow_batches:SLOW"),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=_environment(carvana),
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while process.poll() is None and time.monotonic() < deadline:
+                point = _resume_point(out)
+                if point is not None and kill_when(point):
+                    break
+                time.sleep(0.02)
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == -signal.SIGKILL, log.read_text()
     return _resume_point(out)
 
 
