@@ -93,16 +93,16 @@ class Config:
     synthetic_cars: int | None = field(
         default=None,
         metadata={
-            "help": "generated data: training cars, 16 photos each (None: 20; implies --synthetic)"
+            "help": "generated data: training cars, 16 photos each (unset: 20); implies --synthetic"
         },
     )
     synthetic_test_cars: int | None = field(
-        default=None, metadata={"help": "generated data: test cars (None: 2; implies --synthetic)"}
+        default=None, metadata={"help": "generated data: test cars (unset: 2); implies --synthetic"}
     )
     synthetic_size: tuple[int, int] | None = field(
         default=None,
         metadata={
-            "help": "generated data: WIDTH HEIGHT of the photos (None: 288 192; implies --synthetic)"
+            "help": "generated data: WIDTH HEIGHT of the photos (unset: 288 192); implies --synthetic"
         },
     )
     seed: int = field(default=0, metadata={"help": "random seed (training, split, data)"})
@@ -160,7 +160,7 @@ def wants_synthetic(cfg: Config) -> bool:
     ``--synthetic-*`` option): a mistyped ``--input-dir`` is an error, not a new data set.
     """
     asked = any(getattr(cfg, name) is not None for name in SYNTHETIC_DEFAULTS)
-    return cfg.synthetic or asked or cfg.input_dir == DEFAULT_INPUT_DIR
+    return cfg.synthetic or asked or Path(cfg.input_dir) == DEFAULT_INPUT_DIR
 
 
 def synthetic_options(cfg: Config) -> dict[str, Any]:
