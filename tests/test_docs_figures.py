@@ -213,3 +213,40 @@ def test_tensorboard_shows_the_runs_curves_and_pictures(tensorboard_url, tmp_pat
     assert_same_picture(images, DOCS / "plugins" / "tensorboard_images.png", mean=12, share=0.15)
     for picture in ("tensorboard_scalars.png", "tensorboard_images.png"):
         assert_shown(DOCS / "plugins" / "tensorboard.md", picture)
+
+
+# --- the default Carvana run, recorded -------------------------------------------------------
+
+DEFAULT_RUN = DOCS / "learn" / "carvana_default_run.jsonl"  # its metrics.jsonl, as it wrote it
+
+
+def test_the_default_carvana_runs_curves_are_its_recorded_metrics():
+    drawn = figures.loss_curves(
+        _recorded(),
+        "valid_dice",
+        "The default Carvana run: 20 epochs at 144x96 on the synthetic set",
+    )
+    assert_same_picture(drawn, DOCS / "learn" / "carvana_default_curves.png")
+    assert_shown(DOCS / "learn" / "unet.md", "carvana_default_curves.png")
+
+
+def _recorded() -> list[dict]:
+    return [json.loads(line) for line in DEFAULT_RUN.read_text().splitlines()]
+
+
+def test_the_carvana_page_prints_the_recorded_runs_numbers():
+    # The default run takes minutes, so the page shows its recorded output (not run by
+    # the tests): each epoch's line must be that epoch of the recorded metrics.
+    text = (DOCS / "carvana.md").read_text()
+    block = text.split("generated a synthetic set there (20 training", 1)[1].split("```", 1)[0]
+    rows = [
+        line.split()
+        for line in block.splitlines()
+        if line.split()[:1] and line.split()[0].isdigit()
+    ]
+    recorded = _recorded()
+    assert [int(row[0]) for row in rows] == [entry["epoch"] + 1 for entry in recorded]
+    for row, entry in zip(rows, recorded):
+        shown = [float(value) for value in row[1:4]]
+        wanted = [entry["train_loss"], entry["valid_loss"], entry["valid_dice"]]
+        assert shown == pytest.approx(wanted, rel=1e-5), row

@@ -60,7 +60,7 @@ def loss_curves(history: Sequence[dict[str, Any]], metric: str, title: str) -> I
         {"train_loss": TRAIN, "valid_loss": VALID},
     )
     values = {metric: [row[metric] for row in history]}
-    _plot(canvas, (440, 40, 740, 250), epochs, values, metric, {metric: METRIC}, 0.0, 1.0, False)
+    _plot(canvas, (440, 40, 740, 250), epochs, values, metric, {metric: METRIC}, None, None, False)
     return image
 
 
