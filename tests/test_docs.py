@@ -21,6 +21,7 @@ a doctest of sorts, in a fresh temporary folder where ``recipes/`` is the projec
   ``--help`` appended must exit 0 (which checks the option values' types) and every
   ``--option`` it uses must be in that help, so the page names only options that exist;
 * a block right after ``<!-- no-test -->`` is not run (for deliberate fragments);
+  ``<!-- no-test: why -->`` says why, for a command whose output cannot be shown here;
 * a block that only includes files (``--8<-- "file"``) is checked to include an
   existing file, which its own test runs.
 """
@@ -53,6 +54,7 @@ DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
 SNIPPET_BASES = (EXAMPLES, ROOT / "recipes")  # pymdownx.snippets' base_path in mkdocs.yml
 NO_TEST = "<!-- no-test -->"
+NO_TEST_WHY = re.compile(r"<!-- no-test: .+ -->")  # the same, saying why
 NOT_OUTPUT = re.compile(r"<!-- not-output: .+ -->")
 PARSE_ONLY = "<!-- parse-only -->"
 CLOSED = "<the end of a code block>"
@@ -111,7 +113,11 @@ def code_blocks(text: str) -> list[Block]:
             body.append(lines[index][len(indent) :] if lines[index].startswith(indent) else "")
             index += 1
         marker = (
-            previous if previous in (NO_TEST, PARSE_ONLY) or NOT_OUTPUT.fullmatch(previous) else ""
+            previous
+            if previous in (NO_TEST, PARSE_ONLY) or NOT_OUTPUT.fullmatch(previous)
+            else NO_TEST
+            if NO_TEST_WHY.fullmatch(previous)
+            else ""
         )
         after_block = bool(blocks) and previous == CLOSED
         blocks.append(Block(language, "\n".join(body) + "\n", start + 1, marker, after_block))
