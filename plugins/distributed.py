@@ -53,6 +53,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
 
 from trainloop import Learner, RunConfig, UsageError, hookimpl
+from trainloop.data.seeding import SeededSampler
 from trainloop.data.tensors import TensorBatches
 from trainloop.plugins.device import Compile
 from trainloop.run_folder import new_run_dir
@@ -330,6 +331,8 @@ def shard_train_data(data: Any, rank: int, world_size: int, seed: int = 0) -> An
     if isinstance(data, DataLoader):
         if isinstance(data.sampler, DistributedSampler):
             return data  # split already
+        if isinstance(data.sampler, SeededSampler):  # each process its share of each epoch
+            return _rebuild_loader(data, data.sampler.shard(rank, world_size))
         if isinstance(data.dataset, IterableDataset) or data.batch_size is None:
             raise UsageError(
                 "distributed: cannot split a DataLoader over an IterableDataset or with its "

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainloop import Learner
+from trainloop import Learner, UsageError
 from trainloop.data.mnist import load_mnist
 from trainloop.data.tensors import TensorBatches
 
@@ -53,6 +53,10 @@ def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def build(cfg: Config) -> Learner:
+    if cfg.sample_size is not None and cfg.sample_size < 1:
+        raise UsageError(
+            f"--sample-size {cfg.sample_size}: use 1 or more, or none for all the images"
+        )
     train_x, train_y, test_x, test_y = load_mnist(cfg.data_dir, download=cfg.download)
     if cfg.sample_size is not None:
         train_x, train_y = train_x[: cfg.sample_size], train_y[: cfg.sample_size]

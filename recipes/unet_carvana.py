@@ -78,10 +78,17 @@ class Config:
     )
     valid_size: float = field(
         default=0.2,
-        metadata={"help": "validation cars: a fraction of the cars, or a number of images if >= 1"},
+        metadata={
+            "help": "validation cars: a fraction of the cars, or a number of images if >= 1",
+            "resume": "fixed",  # another split would train on validation photos
+        },
     )
     sample_size: int | None = field(
-        default=None, metadata={"help": "use about N training images (whole cars; quick runs)"}
+        default=None,
+        metadata={
+            "help": "use about N training images (whole cars; quick runs)",
+            "resume": "fixed",
+        },
     )
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     augment: bool = field(default=True, metadata={"help": "flip, affine and colour jitter"})

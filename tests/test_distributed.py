@@ -347,3 +347,21 @@ def test_with_compile_failing_under_ddp_training_goes_on_with_the_plain_model(
     assert capsys.readouterr().err.count("cannot compile here (RuntimeError: no C++") == 1
     assert wrapped == [True, True]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_a_seeded_loader_is_dealt_out_by_its_own_sampler_with_a_new_order_each_epoch():
+    from trainloop.data.seeding import SeededSampler, seeded_loader
+
+    loader = seeded_loader(list(range(10)), batch_size=2, seed=0, shuffle=True)
+    shares = [shard_train_data(loader, rank, 2, seed=0) for rank in range(2)]
+    assert all(isinstance(share.sampler, SeededSampler) for share in shares)
+
+    def epoch_of(epoch: int) -> list[list[int]]:
+        for share in shares:
+            share.sampler.set_epoch(epoch)
+        return [[int(value) for batch in share for value in batch] for share in shares]
+
+    first, second = epoch_of(0), epoch_of(1)
+    assert sorted(first[0] + first[1]) == list(range(10))  # disjoint, and every sample once
+    assert sorted(second[0] + second[1]) == list(range(10))
+    assert first != second  # shuffled anew each epoch
