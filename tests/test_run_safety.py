@@ -474,3 +474,20 @@ def test_a_resume_says_in_one_line_when_the_data_may_not_replay_exactly(tmp_path
     )
     status, _, err = run("run", recipe, "--epochs", 2, "--out", tmp_path / "fresh", capsys=capsys)
     assert "warning" not in err  # only a resume warns
+
+
+@pytest.mark.parametrize(
+    ("recipe_name", "option", "said"),
+    [
+        ("mnist_mlp.py", "--sample-size", "--sample-size 0: use 1 or more"),
+        ("single_node.py", "--steps-per-epoch", "--steps-per-epoch 0"),
+    ],
+)
+def test_a_zero_size_is_one_line_and_leaves_no_folder(
+    tmp_path, capsys, monkeypatch, recipe_name, option, said
+):
+    monkeypatch.chdir(tmp_path)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / recipe_name
+    status, _, err = run("run", recipe, option, 0, capsys=capsys)
+    assert status == 2 and said in one_error_line(err)
+    assert not (tmp_path / "runs").exists()
