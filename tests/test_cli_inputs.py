@@ -79,3 +79,14 @@ def test_the_single_node_recipe_still_runs_with_good_options(workdir, capsys):
 
     assert status == 0, err
     assert (workdir / "run" / "metrics.jsonl").is_file()
+
+
+def test_a_module_without_hooks_is_not_taken_as_a_plugin(workdir, capsys):
+    status, lines = trainloop(
+        "run", ROOT / "recipes" / "single_node.py", "-p", "json", capsys=capsys
+    )
+    assert status == 2
+    assert lines == [
+        "trainloop: error: -p json: 'json' implements no trainloop hook, so it is not a plugin"
+    ]
+    assert not (workdir / "runs").exists()

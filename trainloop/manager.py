@@ -18,6 +18,10 @@ from trainloop import hookspecs
 from trainloop.errors import UsageError
 
 ENTRY_POINT_GROUP = "trainloop"
+INTEGRATIONS = {  # plugins kept in this repository as distributions of their own
+    "mlflow": "pip install ./integrations/trainloop-mlflow",
+    "wandb": "pip install ./integrations/trainloop-wandb",
+}
 _PLAIN_IMPL = {  # what an unmarked ``on_*`` function is: a plain hook implementation
     "wrapper": False,
     "hookwrapper": False,
@@ -206,9 +210,10 @@ class PluginManager(pluggy.PluginManager):
             missing = error.name or ""
             if module_name != missing and not module_name.startswith(f"{missing}."):
                 raise UsageError(_import_failed(spec, module_name, error)) from None
+            hint = f"; it installs with: {INTEGRATIONS[spec]}" if spec in INTEGRATIONS else ""
             raise UsageError(
                 f"-p {spec}: no such plugin: not built in ({', '.join(builtin_plugin_names())}),"
-                f" not an installed entry point, and not an importable module ({error})"
+                f" not an installed entry point, and not an importable module ({error}){hint}"
             ) from None
         except Exception as error:
             raise UsageError(_import_failed(spec, module_name, error)) from None
@@ -228,6 +233,13 @@ class PluginManager(pluggy.PluginManager):
                     f"-p {spec}: cannot make a {attribute} without arguments ({error}): point -p at an instance"
                 ) from None
         self.register(plugin, spec, origin="-p")
+        if not self.get_hookcallers(plugin):  # an unrelated module, such as a library itself
+            self.unregister(plugin)
+            hint = INTEGRATIONS.get(spec)
+            raise UsageError(
+                f"-p {spec}: {module_name!r} implements no trainloop hook, so it is not a plugin"
+                + (f"; the {spec} plugin installs with: {hint}" if hint else "")
+            )
 
     # --- reporting ---------------------------------------------------------------------
 
