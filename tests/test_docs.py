@@ -666,7 +666,7 @@ def test_the_hook_reference_shows_every_hook_once_in_its_group(built_site):
         assert html.count(f'id="trainloop.hookspecs.{hook}"') == 1, hook
     # each entry says which built-in plugins implement it, as `trainloop plugins` does
     entry = html.split('id="trainloop.hookspecs.on_backward_end"')[1].split("<h3")[0]
-    assert re.search(r"Built-in plugins that implement it: <a [^>]*>nan_guard</a>", entry)
+    assert re.search(r"Built-in plugins that implement it: .*>nan_guard</a>", entry)
 
 
 def test_the_site_shows_printed_values_without_their_tolerances(built_site):
