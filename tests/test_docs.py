@@ -700,3 +700,23 @@ def test_every_command_of_the_seed_map_parses(docs_folder):
     assert len(rows) >= 10
     for seed_name, _, command in rows:
         parse_command(command, f"from-the-seed.md: {seed_name}")
+
+
+def test_the_plugin_reference_lists_every_option_of_every_built_in_plugin(built_site):
+    import argparse
+
+    from trainloop.manager import builtin_plugin_names
+
+    html = (built_site / "reference" / "plugins" / "index.html").read_text()
+    missing = []
+    for name in builtin_plugin_names():
+        module = importlib.import_module(f"trainloop.plugins.{name}")
+        if not hasattr(module, "add_options"):
+            continue
+        parser = argparse.ArgumentParser(add_help=False)
+        module.add_options(parser=parser)
+        for action in parser._actions:
+            missing += [
+                f"{name}: {option}" for option in action.option_strings if option not in html
+            ]
+    assert missing == []

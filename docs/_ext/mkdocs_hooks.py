@@ -11,6 +11,9 @@
 * ``<!-- modules: PACKAGE -->`` becomes a mkdocstrings entry (``::: PACKAGE.NAME``) for
   each module of the package, in name order, so a module added later is in the API
   reference by itself (``trainloop.plugins`` is the ``plugins/`` folder).
+* ``<!-- plugin-options -->`` becomes, for each built-in plugin with options, a table
+  of the options its ``add_options`` adds (with their defaults and help), read from an
+  argument parser it fills when the site is built.
 * In ``text`` and ``console`` code blocks, ``0.93±0.02`` (a number the tests compare
   with a tolerance, ``tests/docs_output.py``) shows as ``0.93``: what the program prints.
 * The nav sections "Plugins" and "Learn" get every page of ``docs/plugins/`` and
@@ -28,6 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "<!-- builtin-plugins -->"
 MODULES = re.compile(r"<!-- modules: (?P<package>[\w.]+) -->")
+OPTIONS_MARKER = "<!-- plugin-options -->"
 HOOK_GROUP = re.compile(r"<!-- hooks: (?P<group>[^>]+?) -->")
 NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 TOLERANCE = re.compile(rf"({NUMBER})±{NUMBER}")  # as in tests/docs_output.py
@@ -138,6 +142,51 @@ def module_entries(package: str) -> str:
     return "\n".join(f"::: {module}\n" for module in package_modules(package))
 
 
+def plugin_options(name: str) -> list[tuple[str, str, str]]:
+    """(option, default, help) of each command-line option the plugin ``name`` adds."""
+    import argparse
+    import importlib
+
+    module = importlib.import_module(f"trainloop.plugins.{name}")
+    if not hasattr(module, "add_options"):
+        return []
+    parser = argparse.ArgumentParser(add_help=False)
+    module.add_options(parser=parser)
+    rows = []
+    for action in parser._actions:  # argparse keeps no public list of its options
+        if isinstance(action, argparse.BooleanOptionalAction) or not action.option_strings:
+            option = ", ".join(action.option_strings)
+        else:
+            value = action.metavar or (
+                "{" + ",".join(map(str, action.choices)) + "}"
+                if action.choices
+                else action.dest.upper()
+            )
+            value = f"[{value}]" if action.nargs == "?" else value
+            option = ", ".join(action.option_strings) + ("" if action.nargs == 0 else f" {value}")
+        if isinstance(action.metavar, tuple):
+            option = ", ".join(action.option_strings) + " " + " ".join(action.metavar)
+        default = "" if action.default in (None, argparse.SUPPRESS) else f"`{action.default}`"
+        text = (action.help or "").replace("%(default)s", str(action.default)).replace("|", "\\|")
+        rows.append((f"`{option}`", default, text))
+    return rows
+
+
+def options_reference(docs_dir: Path) -> str:
+    parts = []
+    for name, _ in builtin_plugins():
+        rows = plugin_options(name)
+        if not rows:
+            continue
+        page = f"../plugins/{name}.md"
+        title = f"[{name}]({page})" if (docs_dir / "plugins" / f"{name}.md").exists() else name
+        parts.append(f"### {name}\n\nThe options of the {title} plugin:\n")
+        parts.append("| option | default | what it does |\n| --- | --- | --- |")
+        parts.extend(f"| {option} | {default} | {text} |" for option, default, text in rows)
+        parts.append("")
+    return "\n".join(parts)
+
+
 def show_values(markdown: str) -> str:
     """``0.93±0.02`` -> ``0.93`` inside the text and console code blocks."""
     return OUTPUT_BLOCK.sub(lambda block: TOLERANCE.sub(r"\1", block[0]), markdown)
@@ -180,6 +229,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     docs_dir = Path(config["docs_dir"])
     if MARKER in markdown:
         markdown = markdown.replace(MARKER, plugin_table(docs_dir))
+    if OPTIONS_MARKER in markdown:
+        markdown = markdown.replace(OPTIONS_MARKER, options_reference(docs_dir))
     markdown = MODULES.sub(lambda match: module_entries(match["package"]), markdown)
     markdown = HOOK_GROUP.sub(lambda match: hook_reference(match["group"], docs_dir), markdown)
     return show_values(markdown)
