@@ -182,7 +182,7 @@ def tensorboard_url(page_run, tmp_path):  # noqa: F811
 
 def screenshot(url: str, path: Path) -> Image.Image:
     subprocess.run(
-        [chromium(), "--headless", "--no-sandbox", "--enable-unsafe-swiftshader", "--hide-scrollbars",
+        [chromium(), "--headless", "--no-sandbox", "--disable-dev-shm-usage", "--enable-unsafe-swiftshader", "--hide-scrollbars",
          "--window-size=1280,800", "--virtual-time-budget=15000", f"--screenshot={path}", url],
         check=True,
         capture_output=True,
