@@ -117,7 +117,9 @@ def server(servers) -> Server:
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch):
+def clean_environment(monkeypatch, tmp_path):
+    # MLflow keeps the artefacts of a sqlite store in ./mlruns: in the test's folder
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(DISABLE_AUTOLOAD, raising=False)  # the entry point is what is tested
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT"):
         monkeypatch.delenv(name, raising=False)
