@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
-import numbers
 import os
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +18,7 @@ from typing import Any
 
 import trainloop
 from trainloop import Learner, RunConfig, UsageError, hookimpl
+from trainloop.tracking import flat_params, git_commit, metric_value, run_params
 
 CHECKPOINT_KEY = "mlflow"
 STEP_LOSS = "batch/train_loss"
@@ -230,7 +228,7 @@ class MLflowLogger:
     def on_epoch_end(self, learner: Learner) -> None:
         now = _milliseconds()
         for key, value in learner.metrics.items():
-            number = _number(value)
+            number = metric_value(value)
             if number is not None:
                 self._pending_metrics.append((key, number, learner.epoch, now))
         self._flush()
@@ -460,15 +458,6 @@ class _StepLoss:
 # --- what a CLI run logs ----------------------------------------------------------------
 
 
-def run_params(config: RunConfig) -> dict[str, Any]:
-    """The recipe's Config fields, then the run's other options as ``option.<name>``."""
-    params = flat_params(config.recipe_config)
-    for key, value in sorted(vars(config.options).items()):
-        if key not in params and value is not None:
-            params[f"option.{key}"] = value
-    return params
-
-
 def run_tags(config: RunConfig) -> dict[str, str]:
     """Tags of a CLI run: the recipe, its file, the git commit when there is one."""
     tags = {
@@ -481,39 +470,6 @@ def run_tags(config: RunConfig) -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
-
-
-def git_commit(folder: Path) -> str | None:
-    """The commit checked out in ``folder``'s git repository, or ``None``."""
-    try:
-        result = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
-def flat_params(config: Any, prefix: str = "") -> dict[str, Any]:
-    """A dataclass or dict as one flat dict; nested ones become ``outer.inner`` keys."""
-    if config is None:
-        return {}
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
-    if not isinstance(config, dict):
-        return {}
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) or (
-            dataclasses.is_dataclass(value) and not isinstance(value, type)
-        ):
-            flat.update(flat_params(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 # --- the tracking URI -------------------------------------------------------------------
@@ -606,16 +562,6 @@ def _metric(key: str, value: float, step: int, timestamp: int) -> Any:
 
 def _param_value(value: Any) -> str:
     return str(value)[:MAX_PARAM_LENGTH]
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if hasattr(value, "numel") and value.numel() == 1:  # a one-element tensor
-        return float(value)
-    return None
 
 
 def _milliseconds() -> int:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import netrc
-import numbers
 import os
 import shutil
-import subprocess
 import sys
 import urllib.parse
 import uuid
@@ -17,6 +14,7 @@ from typing import Any
 
 import trainloop
 from trainloop import Learner, RunConfig, UsageError, hookimpl
+from trainloop.tracking import flat_params, git_commit, metric_value, run_params
 
 CHECKPOINT_KEY = "wandb"
 LOGGER_NAME = "wandb.logger"
@@ -104,7 +102,7 @@ def configure(config: RunConfig) -> None:
         mode=mode,
         run_name=options.wandb_run_name or config.run_dir.name,
         every=options.wandb_every,
-        params=run_params(config),
+        params={**run_params(config), "recipe": str(config.recipe_path)},
         tags=[config.recipe_name],
         model_file=options.wandb_model_file,
         finish_at_fit_end=False,  # after predict, in unconfigure: the submission goes too
@@ -202,7 +200,7 @@ class WandbLogger:
     def on_epoch_end(self, learner: Learner) -> None:
         record: dict[str, Any] = {"epoch": learner.epoch}
         for key, value in learner.metrics.items():
-            number = _number(value)
+            number = metric_value(value)
             if number is not None:
                 record[key] = number
         self._pending.append(record)
@@ -351,16 +349,6 @@ class _StepLoss:
 # --- what a CLI run logs ----------------------------------------------------------------
 
 
-def run_params(config: RunConfig) -> dict[str, Any]:
-    """The recipe's Config fields, then the run's other options as ``option.<name>``."""
-    params = flat_params(config.recipe_config)
-    params["recipe"] = str(config.recipe_path)
-    for key, value in sorted(vars(config.options).items()):
-        if key not in params and value is not None:
-            params[f"option.{key}"] = value
-    return params
-
-
 def has_credentials() -> bool:
     """Whether W&B has an API key: ``WANDB_API_KEY`` or a ``wandb login`` netrc entry."""
     if os.environ.get("WANDB_API_KEY"):
@@ -373,55 +361,12 @@ def has_credentials() -> bool:
         return False
 
 
-def git_commit(folder: Path) -> str | None:
-    """The commit checked out in ``folder``'s git repository, or ``None``."""
-    try:
-        result = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
-def flat_params(config: Any, prefix: str = "") -> dict[str, Any]:
-    """A dataclass or dict as one flat dict; nested ones become ``outer.inner`` keys."""
-    if config is None:
-        return {}
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
-    if not isinstance(config, dict):
-        return {}
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) or (
-            dataclasses.is_dataclass(value) and not isinstance(value, type)
-        ):
-            flat.update(flat_params(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _config_value(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
         return [_config_value(item) for item in value]
     return str(value)
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if hasattr(value, "numel") and value.numel() == 1:  # a one-element tensor
-        return float(value)
-    return None
 
 
 def _one_line(error: BaseException) -> str:
