@@ -64,8 +64,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +72,7 @@ import torch
 from trainloop import Learner, RunConfig, hookimpl
 from trainloop.monitor import Monitor, add_monitor_options
 from trainloop.plugins.checkpoint import atomic_save, json_safe, monitored_value, unwrap_model
+from trainloop.recipe import config_from_dict
 
 FORMAT = "trainloop-model"
 VERSION = 1
@@ -90,6 +89,13 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="write model.pt (the best epoch's weights by --monitor) at the end (default: on)",
     )
+    group.add_argument(
+        "--predict-with",
+        choices=("best", "last"),
+        default="best",
+        help="the weights the recipe's predictions use after training: the best epoch's by "
+        "--monitor, or the last epoch's (default: best)",
+    )
     add_monitor_options(parser)
 
 
@@ -102,6 +108,7 @@ def configure(config: RunConfig) -> None:
             monitor=Monitor(options.monitor, options.mode),
             recipe=str(config.recipe_path),
             write=config.is_main_process,
+            predict_with=options.predict_with,
         )
         config.plugin_manager.register(plugin, "model_saver.writer")
 
@@ -116,6 +123,9 @@ class ModelSaver:
             weights.
         recipe: the recipe path or name to record, for :func:`rebuild`.
         write: whether this process writes (``False`` on all but the main process).
+        predict_with: ``"best"``: a ``predict`` after ``fit`` first loads the best epoch's
+            weights into the model (and says which epoch); ``"last"``: it leaves the
+            model as ``fit`` left it.
 
     Attributes:
         best_metrics: the metrics of the best epoch so far (with ``epoch``), or ``None``.
@@ -127,8 +137,12 @@ class ModelSaver:
         monitor: Monitor | str | None = None,
         recipe: str | None = None,
         write: bool = True,
+        predict_with: str = "best",
     ) -> None:
+        if predict_with not in ("best", "last"):
+            raise ValueError(f"ModelSaver(predict_with={predict_with!r}): use 'best' or 'last'")
         self.path = Path(path) if path is not None else None
+        self.predict_with = predict_with
         # A copy: a Monitor shared with another plugin would see each value twice.
         self.monitor = Monitor(monitor) if isinstance(monitor, str) else copy.copy(monitor)
         self.recipe = recipe
@@ -155,6 +169,23 @@ class ModelSaver:
             self._best_weights = _cpu_copy(unwrap_model(learner.model).state_dict())
             self.best_metrics = {"epoch": learner.epoch, **learner.metrics}
             self._best_step = learner.step
+
+    def on_predict_begin(self, learner: Learner) -> None:
+        if self.predict_with != "best" or self._best_weights is None:
+            return
+        if self._best_step == learner.step:
+            return  # the model holds the best weights already (the last epoch was the best)
+        unwrap_model(learner.model).load_state_dict(self._best_weights)
+        self._best_step = learner.step  # loaded once: a second predict keeps them
+        if self.write:
+            metric = self.monitor.metric
+            value = (self.best_metrics or {}).get(metric)
+            shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+            print(
+                f"predicting with the weights of epoch {self.best_metrics['epoch'] + 1}, the best "
+                f"by {metric} ({shown}); --predict-with last keeps the last epoch's",
+                flush=True,
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         step = checkpoint.get("learner", {}).get("step")
@@ -207,34 +238,6 @@ class ModelSaver:
 
 def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
-
-
-def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
-    """Build ``config_class`` from the JSON values saved in ``model.pt``.
-
-    Turns strings back into ``Path`` and lists back into tuples where the field's type
-    says so; unknown keys are an error, missing ones take their defaults.
-    """
-    hints = typing.get_type_hints(config_class)
-    known = {field.name for field in dataclasses.fields(config_class) if field.init}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{config_class.__name__} has no field(s) {', '.join(unknown)}")
-    return config_class(**{name: _convert(hints[name], value) for name, value in values.items()})
-
-
-def _convert(kind: Any, value: Any) -> Any:
-    if value is None:
-        return None
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        inner = [argument for argument in typing.get_args(kind) if argument is not type(None)]
-        return _convert(inner[0], value) if len(inner) == 1 else value
-    if kind is Path:
-        return Path(value)
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
-    return value
 
 
 def rebuild(path: str | Path, recipe: str | Path | None = None) -> Learner:

@@ -175,8 +175,14 @@ class PredictionWriter:
         self._partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         raw = open(self._partial, "wb")  # closed in on_predict_end
         # The name inside the gzip header is the final one, without .gz.
+        # mtime 0: the same predictions make the same bytes (`trainloop predict` reproduces
+        # a run's submission exactly).
         packed = gzip.GzipFile(
-            filename=self.path.name, mode="wb", fileobj=raw, compresslevel=self.compresslevel
+            filename=self.path.name,
+            mode="wb",
+            fileobj=raw,
+            compresslevel=self.compresslevel,
+            mtime=0,
         )
         self._raw = raw
         self._file = io.TextIOWrapper(packed, encoding="utf-8", newline="")

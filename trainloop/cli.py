@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import trainloop
 from trainloop.errors import TrainingError, UsageError
 from trainloop.manager import PluginManager
-from trainloop.recipe import add_config_options, load_recipe, make_config
+from trainloop.recipe import add_config_options, config_from_dict, load_recipe, make_config
 from trainloop.run import RunConfig
 from trainloop.run_folder import (
     CONFIG_NAME,
@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # torch loads only when a run needs it: --version and --help 
     from trainloop.learner import Learner
 
 EXIT_USAGE = 2
+MODEL_NAME = "model.pt"  # what the model_saver plugin writes: the weights predict uses
 DISABLE_AUTOLOAD = "TRAINLOOP_DISABLE_PLUGIN_AUTOLOAD"
 
 
@@ -99,12 +100,19 @@ def _dispatch(argv: list[str]) -> int:
     commands.add_parser(
         "run", help="run a recipe: trainloop run RECIPE.py [options]", add_help=False
     )
+    commands.add_parser(
+        "predict",
+        help="predict again with a finished run's model: trainloop predict RUN_DIR [options]",
+        add_help=False,
+    )
     commands.add_parser("plugins", help="list the plugins, where they come from, their hooks")
-    if not argv or argv[0] not in ("run", "plugins"):
+    if not argv or argv[0] not in ("run", "predict", "plugins"):
         parser.parse_args(argv or ["--help"])
-        raise UsageError(f"unknown command {argv[0]!r}: use 'run' or 'plugins'")
+        raise UsageError(f"unknown command {argv[0]!r}: use 'run', 'predict' or 'plugins'")
     if argv[0] == "plugins":
         return list_plugins(argv[1:])
+    if argv[0] == "predict":
+        return predict(argv[1:])
     return run(argv[1:])
 
 
@@ -348,6 +356,125 @@ class _ReplacedRun:
     def on_fit_end(self, learner: Learner) -> None:
         if learner.exception is None:
             remove_aside(self.aside)
+
+
+def predict(argv: list[str]) -> int:
+    """``trainloop predict RUN_DIR [options]``: the recipe's predictions with ``model.pt``.
+
+    Rebuilds the recipe's Learner from the run's ``config.json`` (options given here win,
+    such as another ``--input-dir``), loads the weights of ``RUN_DIR/model.pt`` and calls
+    the recipe's ``predict`` without training, into ``--out`` (default: a new
+    ``RUN_DIR/predict/<timestamp>``).
+    """
+    if not argv or argv[0].startswith("-"):
+        if argv and argv[0] in ("-h", "--help"):
+            print(
+                "usage: trainloop predict RUN_DIR [options]  (options: trainloop predict RUN_DIR --help)"
+            )
+            return 0
+        raise UsageError("give a run folder: trainloop predict RUN_DIR [options]")
+    run_dir = Path(argv[0])
+    saved = _read_finished_run(run_dir)
+    recipe_path = Path(saved["recipe"])
+    prog = f"trainloop predict {run_dir}"
+    selection, _ = _plugin_selection(argv[1:], prog)
+    recipe = load_recipe(recipe_path)
+    if not callable(getattr(recipe, "predict", None)):
+        raise UsageError(f"recipe {recipe_path} has no predict(learner, cfg) step to run")
+    manager = load_plugins(selection.plugins, strict=selection.strict_plugins)
+
+    parser = _Parser(prog=prog, allow_abbrev=False, description=recipe.__doc__)
+    field_names = add_config_options(parser, recipe.Config)
+    try:  # the run's values are the defaults: an option given here wins
+        parser.set_defaults(**vars(config_from_dict(recipe.Config, saved.get("config") or {})))
+    except (TypeError, ValueError) as error:
+        raise UsageError(
+            f"{run_dir / CONFIG_NAME}: its config does not fit {recipe_path} ({error})"
+        ) from None
+    _add_common_options(parser, field_names)
+    _add_selection_options(parser)
+    manager.hook.add_options(parser=parser, plugin_manager=manager)
+    run_options = saved.get("options") or {}
+    known = {action.dest for action in parser._actions}
+    parser.set_defaults(
+        **{key: run_options[key] for key in ("seed",) if key in run_options and key in known}
+    )
+    options = parser.parse_args(argv[1:])
+    if options.overwrite:
+        raise UsageError(
+            "--overwrite: trainloop predict writes into a new folder; give another --out"
+        )
+    cfg = make_config(recipe.Config, options, field_names)
+    if options.out is not None:
+        _check_out(options.out)
+    seed_everything(options.seed)
+    made = [] if options.out or (run_dir / "predict").exists() else [run_dir / "predict"]
+    out = options.out or new_run_dir("predict", root=run_dir)
+    config = RunConfig(options, Path(out), recipe_path, cfg, manager)
+    lock = RunLock(config.run_dir)
+    try:
+        manager.hook.configure(config=config)
+        if config.is_main_process:
+            _check_fresh(config.run_dir, options)
+        learner = recipe.build(cfg)
+        _attach(learner, manager, selection.plugins, config.run_dir, cfg)
+        _load_weights(learner, run_dir / MODEL_NAME)
+        if config.is_main_process:
+            _take_run_dir(config.run_dir, lock, options, resuming=False)
+            print(f"predictions of {run_dir / MODEL_NAME}: {config.run_dir}", flush=True)
+            _record_run(config, cfg, ["trainloop", "predict", *argv])
+        recipe.predict(learner, cfg)
+    except BaseException:
+        if options.out is None and config.is_main_process:
+            remove_if_unused(config.run_dir, made)
+        raise
+    finally:
+        try:
+            manager.hook.unconfigure(config=config)
+        finally:
+            lock.release()
+    return 0
+
+
+def _read_finished_run(run_dir: Path) -> dict[str, Any]:
+    """The ``config.json`` of a run folder that has a ``model.pt``, or a UsageError."""
+    if not run_dir.is_dir():
+        raise UsageError(
+            f"{run_dir} is not a folder: give a run folder (runs/<recipe>/<timestamp>)"
+        )
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise UsageError(f"{run_dir} is not a run folder: it has no {CONFIG_NAME}")
+    if not (run_dir / MODEL_NAME).is_file():
+        raise UsageError(
+            f"{run_dir} has no {MODEL_NAME}: the run did not finish an epoch, or ran with "
+            "--no-save-model; train it to the end first (trainloop run ... --resume --out RUN_DIR)"
+        )
+    try:
+        saved = json.loads((run_dir / CONFIG_NAME).read_text())
+        saved["recipe"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(
+            f"{run_dir / CONFIG_NAME}: not a trainloop run's config ({error})"
+        ) from None
+    return saved
+
+
+def _load_weights(learner: Learner, path: Path) -> None:
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        weights = saved["model"]
+    except Exception as error:
+        raise UsageError(f"{path}: cannot read it ({type(error).__name__}: {error})") from None
+    model = learner.model
+    while isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP and the like
+        model = model.module
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise UsageError(f"{path}: its weights do not fit the recipe's model ({first})") from None
 
 
 def _add_common_options(parser: argparse.ArgumentParser, field_names: list[str]) -> None:

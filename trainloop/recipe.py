@@ -129,3 +129,31 @@ def _optional(convert: Any) -> Any:
 
     parse.__name__ = getattr(convert, "__name__", "value")  # argparse names it in errors
     return parse
+
+
+def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
+    """Build ``config_class`` from the JSON values saved in ``model.pt``.
+
+    Turns strings back into ``Path`` and lists back into tuples where the field's type
+    says so; unknown keys are an error, missing ones take their defaults.
+    """
+    hints = typing.get_type_hints(config_class)
+    known = {field.name for field in dataclasses.fields(config_class) if field.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{config_class.__name__} has no field(s) {', '.join(unknown)}")
+    return config_class(**{name: _convert(hints[name], value) for name, value in values.items()})
+
+
+def _convert(kind: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        inner = [argument for argument in typing.get_args(kind) if argument is not type(None)]
+        return _convert(inner[0], value) if len(inner) == 1 else value
+    if kind is Path:
+        return Path(value)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value

@@ -1,0 +1,117 @@
+"""Predictions from the best weights, and ``trainloop predict RUN_DIR`` on a finished run."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, make_learner
+
+from trainloop.cli import main
+from trainloop.plugins.model_saver import ModelSaver
+
+CARVANA = ROOT / "recipes" / "unet_carvana.py"
+TINY_CARVANA = (
+    "--synthetic-cars", "4", "--synthetic-test-cars", "1", "--image-size", "64", "48",
+    "--base-width", "4", "--depth", "2", "--batch-size", "8",
+)  # fmt: skip
+
+
+class WorseEachEpoch:
+    """Reports a valid_loss that grows, so the first epoch is the best; keeps its weights."""
+
+    def __init__(self) -> None:
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def on_epoch_end(self, learner) -> None:
+        learner.metrics["valid_loss"] = float(learner.epoch)
+        self.weights.append(copy.deepcopy(learner.model.state_dict()))
+
+
+@pytest.mark.parametrize("predict_with", ["best", "last"])
+def test_a_predict_after_fit_uses_the_best_epochs_weights_unless_asked_for_the_last(
+    tmp_path, capsys, predict_with
+):
+    worse = WorseEachEpoch()
+    saver = ModelSaver(tmp_path / "model.pt", monitor="valid_loss", predict_with=predict_with)
+    learner = make_learner([worse, saver])
+    learner.fit(3)
+    inputs = torch.randn(5, 4)
+    learner.predict([(inputs,)])
+
+    wanted = worse.weights[0] if predict_with == "best" else worse.weights[-1]
+    for name, tensor in learner.model.state_dict().items():
+        assert torch.equal(tensor, wanted[name]), name
+    said = capsys.readouterr().out
+    if predict_with == "best":
+        assert (
+            "predicting with the weights of epoch 1, the best by valid_loss (0); "
+            "--predict-with last keeps the last epoch's" in said
+        )
+    else:
+        assert "predicting with" not in said
+
+
+@pytest.fixture(scope="module")
+def carvana_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("carvana")
+    out = folder / "run"
+    status = main(
+        ["run", str(CARVANA), "--input-dir", str(folder / "input"), *TINY_CARVANA,
+         "--epochs", "2", "--out", str(out)]
+    )  # fmt: skip
+    assert status == 0 and (out / "submit.csv.gz").exists()
+    return out
+
+
+def test_trainloop_predict_reproduces_the_runs_submission_byte_for_byte(carvana_run, capsys):
+    assert main(["predict", str(carvana_run)]) == 0
+    (folder,) = (carvana_run / "predict").iterdir()
+    assert (folder / "submit.csv.gz").read_bytes() == (carvana_run / "submit.csv.gz").read_bytes()
+    assert f"predictions of {carvana_run / 'model.pt'}: {folder}" in capsys.readouterr().out
+
+
+def test_trainloop_predict_takes_options_and_another_out(carvana_run, tmp_path, capsys):
+    out = tmp_path / "lower"
+    assert main(["predict", str(carvana_run), "--threshold", "0.01", "--out", str(out)]) == 0
+    assert (out / "submit.csv.gz").read_bytes() != (carvana_run / "submit.csv.gz").read_bytes()
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_bad_run_folders_are_one_line_and_write_nothing(carvana_run, tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "nowhere")]) == 2
+    assert "is not a folder: give a run folder" in error_line(capsys)
+    assert main(["predict", str(carvana_run / "checkpoints")]) == 2
+    assert "is not a run folder: it has no config.json" in error_line(capsys)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text((carvana_run / "config.json").read_text())
+    assert main(["predict", str(unfinished)]) == 2
+    assert "has no model.pt" in error_line(capsys)
+    assert sorted(path.name for path in unfinished.iterdir()) == ["config.json"]
+
+
+def test_weights_that_do_not_fit_an_overridden_model_are_one_line(carvana_run, capsys):
+    before = sorted(carvana_run.iterdir())
+    assert main(["predict", str(carvana_run), "--base-width", "8"]) == 2
+    assert "model.pt: its weights do not fit the recipe's model" in error_line(capsys)
+    assert sorted(carvana_run.iterdir()) == before  # no predict/ folder left behind
+
+
+def test_a_recipe_without_a_predict_step_is_one_line(tmp_path, capsys):
+    out = tmp_path / "neuron"
+    recipe = tmp_path / "nopredict.py"
+    recipe.write_text(
+        (ROOT / "tests" / "conftest.py").read_text().split('TINY_RECIPE = """')[1].split('"""')[0]
+    )
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(out)]) == 2
+    assert "has no predict(learner, cfg) step" in error_line(capsys)
