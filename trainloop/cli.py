@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import trainloop
 from trainloop.errors import TrainingError, UsageError
 from trainloop.manager import PluginManager
-from trainloop.recipe import add_config_options, config_from_dict, load_recipe, make_config
+from trainloop.recipe import (
+    add_config_options,
+    config_from_dict,
+    load_recipe,
+    make_config,
+    read_config_file,
+)
 from trainloop.run import RunConfig
 from trainloop.run_folder import (
     CONFIG_NAME,
@@ -214,6 +220,9 @@ def run(argv: list[str]) -> int:
     recipe_path = Path(argv[0])
     prog = f"trainloop run {recipe_path}"
     selection, _ = _plugin_selection(argv[1:], prog)
+    replay = _config_file_values(argv[1:], prog)
+    if not selection.plugins and replay.get("plugins"):  # the -p of the run replayed
+        selection.plugins = list(replay["plugins"])
     recipe = load_recipe(recipe_path)
     manager = load_plugins(selection.plugins, strict=selection.strict_plugins)
 
@@ -222,6 +231,8 @@ def run(argv: list[str]) -> int:
     _add_common_options(parser, field_names)
     _add_selection_options(parser)
     manager.hook.add_options(parser=parser, plugin_manager=manager)
+    if replay:
+        _set_config_defaults(parser, replay, field_names)
     options = parser.parse_args(argv[1:])
     cfg = make_config(recipe.Config, options, field_names)
     if options.epochs < 0:
@@ -236,6 +247,8 @@ def run(argv: list[str]) -> int:
         _check_out(options.out)
 
     seed_everything(options.seed)
+    if options.deterministic:
+        make_deterministic()
     run_dir = options.out or manager.hook.make_run_dir(options=options, recipe_path=recipe_path)
     # A new default folder, and the parents made for it, go again if the run never starts.
     made_here = [] if run_dir else _parents_of_default(recipe_path)
@@ -291,6 +304,69 @@ def _parents_of_default(recipe_path: Path) -> list[Path]:
     """The folders of ``runs/<recipe>/`` that do not exist yet, deepest first."""
     parent = Path("runs") / recipe_path.stem
     return [path for path in (parent, parent.parent) if not path.exists()]
+
+
+def _config_file_values(argv: list[str], prog: str) -> dict[str, Any]:
+    """The values of ``--config FILE``, if the command line has one."""
+    early = _Parser(prog=prog, add_help=False, allow_abbrev=False)
+    early.add_argument("--config", type=Path, default=None)
+    known, _ = early.parse_known_args(argv)
+    return read_config_file(known.config) if known.config is not None else {}
+
+
+def _set_config_defaults(
+    parser: argparse.ArgumentParser, values: dict[str, Any], fields: list[str]
+) -> None:
+    """Make a config file's values the defaults: the command line still wins.
+
+    A key that is no option here is an error, except a plugin option of the replayed run
+    left at nothing (``None`` or off), as those of a tracker plugin not installed here.
+    """
+    actions = {action.dest: action for action in parser._actions}
+    stray = [
+        key
+        for key, value in values.items()
+        if key not in actions and key != "plugins" and (key in fields or value not in (None, False))
+    ]
+    if stray:
+        raise UsageError(
+            f"--config: {', '.join(_flag(key) for key in stray)}: not an option of this recipe "
+            "or its plugins; remove it from the file, or load the plugin that has it (-p NAME)"
+        )
+    defaults = {}
+    for key, value in values.items():
+        action = actions.get(key)
+        if action is None or key == "plugins":
+            continue
+        if isinstance(value, str) and action.type is not None and action.nargs is None:
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError) as error:
+                raise UsageError(f"--config: {_flag(key)} {value!r}: {error}") from None
+        if action.choices is not None and value is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise UsageError(f"--config: {_flag(key)} {value!r}: use one of {choices}")
+        defaults[key] = value
+    parser.set_defaults(**defaults)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def make_deterministic() -> None:
+    """Ask torch for deterministic algorithms (``--deterministic``).
+
+    ``torch.use_deterministic_algorithms(True)`` (an operation without a deterministic
+    implementation then raises), cuDNN's deterministic kernels without autotuning, and
+    the cuBLAS workspace setting CUDA needs for it.
+    """
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def _check_out(out: Path) -> None:
@@ -491,6 +567,20 @@ def _add_common_options(parser: argparse.ArgumentParser, field_names: list[str])
         default=None,
         metavar="DIR",
         help="run folder (default: a new runs/<recipe>/<timestamp>); a fresh run needs it empty",
+    )
+    group.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="take the options of FILE (a run's config.json, or a .toml file of option = "
+        "value lines) as defaults; options given here win",
+    )
+    group.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN without "
+        "autotuning): slower on a GPU, the same on the CPU",
     )
     group.add_argument(
         "--overwrite",

@@ -157,3 +157,64 @@ def _convert(kind: Any, value: Any) -> Any:
     if origin is tuple and isinstance(value, list):
         return tuple(value)
     return value
+
+
+RUN_ONLY_OPTIONS = frozenset(
+    {"out", "resume", "overwrite", "config", "debug", "strict_plugins", "nproc_per_node"}
+)
+"""Options that say how to start one process, not what the run is: a config file skips them."""
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The option values in a run's ``config.json``, or in a TOML file, by option name.
+
+    ``config.json`` (what ``trainloop run`` writes) gives its ``options`` and its
+    ``config`` (the recipe's fields); a TOML file gives its top-level keys, spelt as the
+    options are (``batch-size`` or ``batch_size``). Options that only say how to start a
+    process (``--out``, ``--resume``, ...) are left out.
+
+    Raises:
+        UsageError: the file is missing or malformed (naming the line).
+    """
+    path = Path(path)
+    where = f"--config {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(
+            f"{where}: no such file; give a run's config.json or a .toml file"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{where}: cannot read it ({error})") from None
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise UsageError(f"{where}: not valid TOML ({error})") from None
+    else:
+        import json
+
+        try:
+            document = json.loads(text)
+        except ValueError as error:
+            raise UsageError(f"{where}: not valid JSON ({error})") from None
+        if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
+            raise UsageError(
+                f'{where}: not a run\'s config.json (no "config" object); give the config.json '
+                "of a run folder, or a .toml file of option = value lines"
+            )
+        values = {**(document.get("options") or {}), **document["config"]}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            raise UsageError(
+                f"{where}: {key!r} is a table; give option = value lines at the top level"
+            )
+    return {
+        key.replace("-", "_"): value
+        for key, value in values.items()
+        if key.replace("-", "_") not in RUN_ONLY_OPTIONS
+    }
