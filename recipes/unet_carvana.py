@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -52,7 +52,7 @@ from trainloop.data.carvana import (
 )
 from trainloop.data.carvana_render import MaskPictures
 from trainloop.data.seeding import seeded_rng
-from trainloop.models.segmentation import bce_dice_loss
+from trainloop.models.segmentation import FlipTTA, bce_dice_loss
 from trainloop.models.segmentation import dice as dice_score
 from trainloop.models.unet import UNet
 from trainloop.plugins.predictions import FILE_NAME, PredictionWriter, is_main_process
@@ -75,6 +75,10 @@ class Config:
     lr: float = field(default=2e-3, metadata={"help": "Adam's learning rate"})
     threshold: float = field(
         default=0.5, metadata={"help": "a pixel is car where the probability is above it"}
+    )
+    tta: Literal["none", "flip", "flips"] = field(
+        default="none",
+        metadata={"help": "test-time augmentation of the predictions: mean over flips"},
     )
     valid_size: float = field(
         default=0.2,
@@ -278,9 +282,12 @@ def predict(learner: Learner, cfg: Config) -> None:
     )
     test_data = make_loader(test_set, cfg.batch_size, workers=cfg.workers, pin_memory=_pin_memory())
     writer = PredictionWriter(Path(learner.run_dir) / FILE_NAME, test_set, cfg.threshold)
-    learner.add_plugin(writer, "predictions.writer")
+    added = [writer] + ([FlipTTA(cfg.tta)] if cfg.tta != "none" else [])
+    for plugin in added:
+        learner.add_plugin(plugin)
     try:
         learner.predict(test_data, keep=False)
     finally:
-        learner.plugin_manager.unregister(writer)
+        for plugin in added:
+            learner.plugin_manager.unregister(plugin)
     _say(f"submission: {writer.path} ({writer.count} rows)")

@@ -115,3 +115,45 @@ def test_a_recipe_without_a_predict_step_is_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["predict", str(out)]) == 2
     assert "has no predict(learner, cfg) step" in error_line(capsys)
+
+
+# --- test-time augmentation -------------------------------------------------------------
+
+
+class Lopsided(torch.nn.Module):
+    """Logits that depend on where a pixel is: flips change the prediction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(-2, 2, 6).repeat(4, 1)[None, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+@pytest.mark.parametrize(("mode", "flips"), [("flip", [(3,)]), ("flips", [(3,), (2,), (2, 3)])])
+def test_flip_tta_averages_the_probabilities_of_the_flipped_predictions(mode, flips):
+    from trainloop import Learner
+    from trainloop.models.segmentation import FlipTTA
+
+    images = torch.randn(2, 1, 4, 6)
+    model = Lopsided()
+    learner = Learner(
+        model, [(images, images)], loss_func=torch.nn.functional.mse_loss, plugins=[FlipTTA(mode)]
+    )
+    pred = learner.predict([(images, torch.arange(2))])
+
+    with torch.no_grad():
+        maps = [torch.sigmoid(model(images))]
+        maps += [torch.sigmoid(model(images.flip(dims))).flip(dims) for dims in flips]
+    assert torch.allclose(torch.sigmoid(pred), torch.stack(maps).mean(0), atol=1e-6)
+    assert not torch.allclose(torch.sigmoid(pred), maps[0])  # the flips did change it
+    learner.validate([(images, images)])  # outside predict it is off: one pass
+    assert learner.pred.shape == images.shape
+
+
+def test_tta_is_a_carvana_option_and_other_recipes_do_not_have_it(tmp_path, capsys):
+    assert main(["run", str(ROOT / "recipes" / "single_node.py"), "--tta", "flip"]) == 2
+    assert "unknown option(s) --tta flip" in error_line(capsys)
+    assert main(["run", str(CARVANA), "--tta", "rotate", "--out", str(tmp_path / "r")]) == 2
+    assert "--tta: invalid choice: 'rotate'" in error_line(capsys)
