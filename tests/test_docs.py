@@ -75,6 +75,7 @@ CHECKED_PLUGIN_PAGES = {
     "nan_guard.md",
     "precision.md",
     "predictions.md",
+    "summary.md",
     "tensorboard.md",
 }
 
