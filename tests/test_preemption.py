@@ -69,6 +69,22 @@ def trainloop(*args) -> list[str]:
 ENV = {**os.environ, "TRAINLOOP_DISABLE_PLUGIN_AUTOLOAD": "1"}
 
 
+def signal_at_step(command: list[str], step: int, signum: int) -> subprocess.Popen:
+    """Run ``command``, send it ``signum`` when its Beacon reports ``step``, wait for it.
+
+    The finished process keeps its standard error as ``stderr_text``.
+    """
+    process = subprocess.Popen(
+        command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for line in process.stdout:
+        if line.strip() == f"beacon step {step}":
+            process.send_signal(signum)
+            break
+    _, process.stderr_text = process.communicate(timeout=60)
+    return process
+
+
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
 
@@ -88,14 +104,8 @@ def test_sigterm_stops_after_the_batch_saves_and_exits_143_then_resume_auto_fini
 
     out = tmp_path / "preempted"
     command = trainloop("run", recipe, "--out", out, "--resume", "auto", "--sleep", 0.05)
-    process = subprocess.Popen(
-        command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    for line in process.stdout:  # the run is in its second epoch
-        if line.startswith("beacon step 11"):
-            process.send_signal(signal.SIGTERM)
-            break
-    _, err = process.communicate(timeout=60)
+    process = signal_at_step(command, 11, signal.SIGTERM)  # in the second epoch
+    err = process.stderr_text
 
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "trainloop: SIGTERM: finishing the current batch, then saving a checkpoint" in err
@@ -152,35 +162,16 @@ def test_stop_signals_are_parsed_and_bad_ones_are_one_line(recipe, tmp_path, cap
 
 def test_a_sigusr1_is_a_stop_too_and_none_leaves_the_default_behaviour(recipe, tmp_path):
     out = tmp_path / "usr1"
-    process = subprocess.Popen(
-        trainloop("run", recipe, "--out", out, "--sleep", 0.05),
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = signal_at_step(
+        trainloop("run", recipe, "--out", out, "--sleep", 0.05), 3, signal.SIGUSR1
     )
-    for line in process.stdout:
-        if line.startswith("beacon step 3"):
-            process.send_signal(signal.SIGUSR1)
-            break
-    process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGUSR1
     assert (out / "checkpoints" / "interrupt.pt").exists()
 
-    process = subprocess.Popen(
-        trainloop(
-            "run", recipe, "--out", tmp_path / "plain", "--sleep", 0.05, "--stop-signals", "none"
-        ),
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    command = trainloop(
+        "run", recipe, "--out", tmp_path / "plain", "--sleep", 0.05, "--stop-signals", "none"
     )
-    for line in process.stdout:
-        if line.startswith("beacon step 3"):
-            process.send_signal(signal.SIGTERM)
-            break
-    process.communicate(timeout=60)
+    process = signal_at_step(command, 3, signal.SIGTERM)
     assert process.returncode == -signal.SIGTERM  # not handled: the default action
     assert not (tmp_path / "plain" / "checkpoints" / "interrupt.pt").exists()
 
