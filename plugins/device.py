@@ -1,31 +1,6 @@
 """device: put the model and every batch on a device; channels_last; torch.compile.
 
-* ``--device auto`` (the default) picks CUDA when it is available, else Apple's MPS, else
-  the CPU; ``--device cpu``, ``--device cuda``, ``--device cuda:1`` or ``--device mps``
-  choose one. A device this machine does not have is a one-line usage error.
-* The model is moved once, when ``fit`` starts, before any plugin restores a
-  checkpoint (a ``wrapper=True`` ``on_fit_begin`` that runs before every plain one), and
-  before ``predict`` or ``validate`` if ``fit`` has not run.
-* Each batch is moved through the ``transfer_batch`` hook: tensors anywhere inside
-  tuples, lists, dicts, named tuples and dataclasses (rebuilt with the same type);
-  other values are left as they are. A copy from pinned memory to CUDA is
-  ``non_blocking``.
-* ``--channels-last`` (for conv nets): the model and every 4-D tensor of a batch use
-  the ``channels_last`` memory format, which is faster for convolutions on recent GPUs,
-  above all under mixed precision.
-* ``--compile`` runs the forward pass through ``torch.compile(model)``. ``learner.model``
-  stays the original module, so checkpoints keep their plain keys. Under the
-  distributed plugin DDP wraps the compiled model. When this platform cannot compile,
-  one line says so and training goes on without it.
-
-On the CPU with none of these options the plugin registers nothing, so batches take
-the core's direct path: no per-batch hook at all.
-
-Data loading: a recipe passes ``pin_memory=pin_memory_default()`` to its DataLoader;
-it is ``True`` when this run's batches go to a CUDA device.
-
-Python API: ``Learner(..., plugins=[Device("cuda", channels_last=True), Compile()])``;
-:func:`move_batch` is the function that moves a batch. Writes nothing.
+See docs/plugins/device.md.
 """
 
 from __future__ import annotations
@@ -38,8 +13,7 @@ from typing import Any
 import torch
 
 from trainloop import Learner, RunConfig, UsageError, hookimpl
-
-_run_device: torch.device | None = None  # the device of the current CLI run, if any
+from trainloop.context import RunContext
 
 
 @hookimpl
@@ -64,11 +38,15 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 @hookimpl
+def configure_context(context: RunContext, options: argparse.Namespace) -> None:
+    local_rank = context.local_rank if context.distributed else None
+    context.device = resolve_device(options.device, local_rank=local_rank)
+
+
+@hookimpl
 def configure(config: RunConfig) -> None:
-    global _run_device
     options = config.options
-    device = resolve_device(options.device)
-    _run_device = device
+    device = config.context.device
     if device.type != "cpu" or options.channels_last:
         plugin = Device(device, channels_last=options.channels_last)
         config.plugin_manager.register(plugin, "device.placement")
@@ -76,19 +54,25 @@ def configure(config: RunConfig) -> None:
         config.plugin_manager.register(Compile(), "device.compile")
 
 
-@hookimpl
-def unconfigure() -> None:
-    global _run_device
-    _run_device = None
-
-
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
+def resolve_device(
+    name: str | torch.device = "auto", local_rank: int | None = None
+) -> torch.device:
     """The ``torch.device`` that ``--device NAME`` means on this machine.
 
     ``"auto"`` is CUDA when available (the current CUDA device), else MPS, else CPU.
-    Raises :class:`~trainloop.UsageError`, naming ``--device``, for a value that is
-    not a device or a device this machine does not have.
+    With ``local_rank`` (one process of several on this machine, under torchrun),
+    ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK``: one GPU per process. Raises
+    :class:`~trainloop.UsageError`, naming ``--device``, for a value that is not a
+    device or a device this machine does not have.
     """
+    if local_rank is not None and str(name) in ("auto", "cuda") and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise UsageError(
+                f"--device {name}: local rank {local_rank} has no GPU of its own ({count} "
+                f"visible); start at most {count} processes per machine, or use --device cpu"
+            )
+        return torch.device("cuda", local_rank)
     if str(name) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
@@ -120,18 +104,6 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
                 f"numbered 0 to {count - 1}"
             )
     return device
-
-
-def pin_memory_default() -> bool:
-    """Whether a DataLoader should pin memory: batches go to a CUDA device.
-
-    Under ``trainloop run`` this follows ``--device``; elsewhere it is
-    ``torch.cuda.is_available()``. Recipes pass it on:
-    ``DataLoader(..., pin_memory=pin_memory_default())``.
-    """
-    if _run_device is not None:
-        return _run_device.type == "cuda"
-    return torch.cuda.is_available()
 
 
 def move_batch(
@@ -183,7 +155,7 @@ def _move(value: Any, device: torch.device, to_cuda: bool, channels_last: bool) 
 
 
 class Device:
-    """Places the model on ``device`` when ``fit`` starts and moves every batch there.
+    """Places the model on ``device`` when it is set up and moves every batch there.
 
     Args:
         device: a ``torch.device`` or its name; ``"auto"`` picks CUDA, else MPS, else CPU.
@@ -195,31 +167,17 @@ class Device:
         self.device = resolve_device(device)
         self.channels_last = channels_last
         self._to_cuda = self.device.type == "cuda"
-        self._placed: torch.nn.Module | None = None
 
-    def place_model(self, learner: Learner) -> None:
-        """Move ``learner.model`` to the device (once per model)."""
-        if self._placed is learner.model:
-            return
+    @hookimpl
+    def place_model(self, learner: Learner, model: torch.nn.Module) -> None:
+        learner.context.device = self.device
         if self._to_cuda:
             torch.cuda.set_device(self.device)
         # Module.to moves the parameters in place, so the optimizer keeps working on them.
         if self.channels_last:
-            learner.model.to(self.device, memory_format=torch.channels_last)
+            model.to(self.device, memory_format=torch.channels_last)
         else:
-            learner.model.to(self.device)
-        self._placed = learner.model
-
-    @hookimpl(wrapper=True, tryfirst=True)  # before any plugin restores a checkpoint
-    def on_fit_begin(self, learner: Learner) -> Any:
-        self.place_model(learner)
-        return (yield)
-
-    def on_valid_begin(self, learner: Learner) -> None:
-        self.place_model(learner)  # validate() without fit
-
-    def on_predict_begin(self, learner: Learner) -> None:
-        self.place_model(learner)
+            model.to(self.device)
 
     @hookimpl
     def transfer_batch(self, batch: Any) -> Any:
@@ -227,16 +185,12 @@ class Device:
 
 
 class Compile:
-    """Runs the forward pass through ``torch.compile(learner.model)``.
+    """Runs the forward pass through ``torch.compile``: the ``compile_model`` set-up step.
 
-    ``learner.model`` stays the original module (clean checkpoint keys); this plugin's
-    ``forward`` step calls the compiled one. Under the distributed plugin, DDP wraps the
-    compiled model (``DDP(torch.compile(model))``, the order torch compiles) through
-    :meth:`compile_for_wrapper`, and training batches go through DDP.
-
-    If this platform cannot compile, one line on stderr says why and the plain forward
-    pass is used from then on. Only the first compiled calls are guarded: once one has
-    succeeded, an error is the model's own and is raised.
+    ``learner.model`` stays the original module (clean checkpoint keys); the learner
+    calls the :class:`CompiledModule` this returns (or the wrapper around it, such as
+    DDP). If this platform cannot compile, one line on stderr says why and the plain
+    forward pass is used from then on.
 
     Args:
         **options: passed to ``torch.compile`` (``mode="max-autotune"``,
@@ -245,82 +199,57 @@ class Compile:
 
     def __init__(self, **options: Any) -> None:
         self.options = options
-        self.compiled: Any = None
-        self.failed: str | None = None  # why compiling failed, once it has
-        self.wrapped = False  # a wrapper (DDP) runs the compiled model for training
-        self._proven = False  # a compiled call has succeeded: errors are the model's own
-        self._source: torch.nn.Module | None = None
 
-    @hookimpl(tryfirst=True)  # a plain one, so after the device plugin placed the model
-    def on_fit_begin(self, learner: Learner) -> None:
-        self.prepare(learner)
-
-    def on_predict_begin(self, learner: Learner) -> None:
-        self.prepare(learner)
-
-    def prepare(self, learner: Learner) -> None:
-        """Compile ``learner.model`` (once per model; torch compiles at the first call)."""
-        if self.failed is not None or learner.model is self._source:
-            return
-        import torch._dynamo
+    @hookimpl
+    def compile_model(self, module: torch.nn.Module) -> torch.nn.Module | None:
+        import torch._dynamo  # only when asked: it takes a second to import
 
         if not torch._dynamo.is_dynamo_supported():
-            self._give_up("torch.compile is not supported on this platform")
-            return
-        self._source = learner.model
-        self._proven = False
-        self.compiled = torch.compile(learner.model, **self.options)
-
-    def compile_for_wrapper(self, learner: Learner) -> torch.nn.Module:
-        """The module a wrapper such as DDP should wrap: the compiled model if any.
-
-        The wrapper's owner then runs training batches (guarding the first calls with
-        :meth:`fall_back`); this plugin runs validation and prediction.
-        """
-        self.prepare(learner)
-        self.wrapped = self.compiled is not None
-        return self.compiled if self.compiled is not None else learner.model
-
-    def fall_back(self, error: BaseException) -> bool:
-        """A compiled call raised ``error``: return whether to go on without compiling.
-
-        ``True`` (after one line on stderr) until a compiled call has succeeded;
-        ``False`` after, when the error is the model's own.
-        """
-        if self._proven:
-            return False
-        self._give_up(_first_cause(error))
-        return True
-
-    def succeeded(self) -> None:
-        """A compiled call has succeeded: later errors are the model's own."""
-        self._proven = True
-
-    @hookimpl(tryfirst=True)  # before the core's forward step
-    def forward(self, learner: Learner, batch: Any) -> Any:
-        if self.compiled is None or (self.wrapped and learner.training):
-            return None  # the next forward step (the core's, or DDP's) runs
-        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if self._proven:
-            return self.compiled(inputs)
-        try:
-            pred = self.compiled(inputs)
-        except Exception as error:
-            if not self.fall_back(error):
-                raise
+            _say_cannot_compile("torch.compile is not supported on this platform")
             return None
-        self._proven = True
-        return pred
+        return CompiledModule(module, **self.options)
 
-    def _give_up(self, reason: str) -> None:
-        self.failed = reason
-        self.compiled = None
-        self.wrapped = False
-        print(
-            f"trainloop: --compile: cannot compile here ({reason}); running without torch.compile",
-            file=sys.stderr,
-            flush=True,
-        )
+
+class CompiledModule(torch.nn.Module):
+    """``torch.compile(module)``, falling back to ``module`` if its first calls fail.
+
+    Only the first compiled calls are guarded: once one has succeeded, an error is the
+    model's own and is raised. Holds ``module`` itself as ``self.module``, so its
+    parameters are this module's (a wrapper such as DDP finds them).
+
+    Attributes:
+        failed: why compiling failed, once it has; ``None`` while it works.
+    """
+
+    def __init__(self, module: torch.nn.Module, **options: Any) -> None:
+        super().__init__()
+        self.module = module
+        self.failed: str | None = None
+        self._proven = False  # a compiled call has succeeded: errors are the model's own
+        # Kept out of the submodules: its parameters are ``module``'s, found once.
+        self.__dict__["compiled"] = torch.compile(module, **options)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failed is not None:
+            return self.module(*args, **kwargs)
+        if self._proven:
+            return self.compiled(*args, **kwargs)
+        try:
+            result = self.compiled(*args, **kwargs)
+        except Exception as error:
+            self.failed = _first_cause(error)
+            _say_cannot_compile(self.failed)
+            return self.module(*args, **kwargs)
+        self._proven = True
+        return result
+
+
+def _say_cannot_compile(reason: str) -> None:
+    print(
+        f"trainloop: --compile: cannot compile here ({reason}); running without torch.compile",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _first_cause(error: BaseException) -> str:

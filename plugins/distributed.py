@@ -1,39 +1,6 @@
 """distributed: data-parallel training on several processes with torch.distributed (DDP).
 
-Active when the process was started by ``torchrun`` (``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK`` are set); otherwise it registers nothing. ``trainloop run RECIPE
---nproc-per-node N ...`` is a shortcut: it runs the same command line again under
-``python -m torch.distributed.run --standalone --nproc-per-node N`` and exits with its
-status.
-
-What it does in each process:
-
-* joins the process group (``init_process_group``: NCCL on GPUs, gloo on the CPU) and
-  takes one device per local rank: it sets ``--device`` to ``cuda:LOCAL_RANK`` (or
-  ``cpu`` without CUDA), which the device plugin then uses;
-* agrees on one run folder: rank 0 picks ``runs/<recipe>/<timestamp>`` and sends it to
-  the others (the ``make_run_dir`` hook);
-* makes rank 0 the only writer: ``config.is_main_process`` is ``False`` on the other
-  ranks, so the plugins that write logs, progress, checkpoints, predictions and
-  ``metrics.jsonl`` stay quiet there;
-* when ``fit`` starts, wraps the model in ``DistributedDataParallel`` for the training
-  forward pass (``learner.model`` stays the plain module, so checkpoints keep their
-  keys), after the device plugin has placed it and before a resume restores it (every
-  rank loads the checkpoint);
-* splits the training data between the processes, a new order each epoch
-  (``set_epoch``): a ``DataLoader`` is rebuilt with a ``DistributedSampler``,
-  ``TensorBatches`` becomes :class:`ShardedTensorBatches`, a list of batches is dealt
-  out batch by batch. Every process gets the same number of batches (the last ones
-  are padded by repeating samples, as ``DistributedSampler`` does);
-* splits the validation data without padding, so each sample counts once, and sums the
-  validation totals over the processes (the ``reduce_tensor`` hook): every rank
-  reports the metrics of the full validation set;
-* leaves the process group when the run ends, whatever happened.
-
-Options: ``--nproc-per-node N`` (the shortcut), ``--dist-backend auto|nccl|gloo``.
-Writes nothing itself. Python API, in a script started with torchrun::
-
-    Learner(..., plugins=[Device(local_device()), Distributed()])
+See docs/plugins/distributed.md.
 """
 
 from __future__ import annotations
@@ -53,13 +20,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
 
 from trainloop import Learner, RunConfig, UsageError, hookimpl
+from trainloop.context import LAUNCH_VARIABLES, RunContext
 from trainloop.data.seeding import SeededSampler
 from trainloop.data.tensors import TensorBatches
-from trainloop.plugins.device import Compile
 from trainloop.run_folder import new_run_dir
-
-LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-
 
 # --- module hooks: the command line ----------------------------------------------------
 
@@ -83,30 +47,31 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@hookimpl(trylast=True)  # it needs the device that the device plugin chose
+def configure_context(context: RunContext, options: argparse.Namespace) -> None:
+    if not launched():
+        if options.nproc_per_node is not None:
+            raise SystemExit(hand_off_to_torchrun(options, context))
+        return
+    init_process_group(options.dist_backend, context.device)
+
+
 @hookimpl(trylast=True)  # a plugin that resumes into an existing folder decides first
-def make_run_dir(options: argparse.Namespace, recipe_path: Path) -> Path | None:
+def make_run_dir(recipe_path: Path, context: RunContext) -> Path | None:
     if not launched():
         return None
-    device = local_device(getattr(options, "device", "auto"))
-    init_process_group(options.dist_backend, device)
-    chosen = [str(new_run_dir(recipe_path)) if dist.get_rank() == 0 else None]
+    chosen = [str(new_run_dir(recipe_path)) if context.is_main_process else None]
     dist.broadcast_object_list(chosen, src=0)
     return Path(chosen[0])
 
 
-@hookimpl(tryfirst=True)  # before the plugins that check is_main_process or read --device
+@hookimpl
 def configure(config: RunConfig) -> None:
-    options = config.options
     if not launched():
-        if options.nproc_per_node is not None:
-            raise SystemExit(hand_off_to_torchrun(options))
         return
-    device = local_device(getattr(options, "device", "auto"))
-    if hasattr(options, "device"):
-        options.device = str(device)  # the device plugin places the model there
-    init_process_group(options.dist_backend, device)
-    config.is_main_process = dist.get_rank() == 0
-    plugin = Distributed(device=device, backend=options.dist_backend, seed=options.seed)
+    plugin = Distributed(
+        device=config.context.device, backend=config.options.dist_backend, seed=config.options.seed
+    )
     config.plugin_manager.register(plugin, "distributed.ddp")
 
 
@@ -197,13 +162,12 @@ def torchrun_command(argv: list[str], nproc_per_node: int) -> list[str]:
     ]
 
 
-def hand_off_to_torchrun(options: argparse.Namespace) -> int:
+def hand_off_to_torchrun(options: argparse.Namespace, context: RunContext) -> int:
     """Run this process's command line again under torchrun; return torchrun's exit status."""
     count = options.nproc_per_node
     if count < 1:
         raise UsageError(f"--nproc-per-node {count}: give a number of processes, at least 1")
-    requested = getattr(options, "device", "auto")
-    if requested in ("auto", "cuda") and torch.cuda.is_available():
+    if context.device_type == "cuda":
         gpus = torch.cuda.device_count()
         if count > gpus:
             raise UsageError(
@@ -392,19 +356,15 @@ class Distributed:
     """DistributedDataParallel training in a process started by torchrun.
 
     Joins the process group if no one has (and then leaves it when ``fit`` ends),
-    wraps the model in DDP for the training forward pass, splits the training and
-    validation data between the processes, and sums the validation totals over them.
+    wraps the model in DDP (the ``wrap_model`` set-up step), gives each process its
+    share of the training and validation data (``setup_data``), and sums the
+    validation totals over the processes.
 
     Args:
         device: this process's device; default :func:`local_device`.
         backend: ``"nccl"``, ``"gloo"`` or ``"auto"`` (NCCL for CUDA, else gloo).
         seed: seeds the order of the training samples (with the epoch).
         find_unused_parameters: passed to DistributedDataParallel.
-
-    Attributes:
-        forward_module: the DDP wrapper while ``fit`` runs, else ``None``. With the
-            compile plugin it wraps the compiled model; if compiling fails at the first
-            training batch, it is rebuilt around the plain model.
     """
 
     def __init__(
@@ -418,41 +378,26 @@ class Distributed:
         self.backend = backend
         self.seed = seed
         self.find_unused_parameters = find_unused_parameters
-        self.forward_module: torch.nn.parallel.DistributedDataParallel | None = None
         self._owns_group = False
-        self._compile: Compile | None = None  # the compile plugin, until a compiled call worked
-        self._original_data: tuple[Any, Any] | None = None  # while fit runs
 
-    @hookimpl(wrapper=True)  # after the device plugin's (tryfirst), before a resume
-    def on_fit_begin(self, learner: Learner) -> Any:
+    @hookimpl
+    def wrap_model(self, learner: Learner, module: torch.nn.Module) -> torch.nn.Module:
         self._owns_group = init_process_group(self.backend, self.device) or self._owns_group
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        learner.model.to(self.device)  # a no-op when the device plugin placed it
-        self._compile = next(
-            (
-                plugin
-                for plugin in learner.plugin_manager.get_plugins()
-                if isinstance(plugin, Compile)
-            ),
-            None,
-        )
-        if self._compile is not None:
-            self.forward_module = self._wrap(self._compile.compile_for_wrapper(learner))
-        else:
-            self.forward_module = self._wrap(learner.model)
-        self._original_data = (learner.train_data, learner.valid_data)
-        learner.train_data = shard_train_data(learner.train_data, rank, world_size, self.seed)
-        if learner.valid_data is not None:
-            learner.valid_data = shard_valid_data(learner.valid_data, rank, world_size)
-        return (yield)
-
-    def _wrap(self, module: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:
+        learner.context.rank, learner.context.world_size = dist.get_rank(), dist.get_world_size()
+        module.to(self.device)  # a no-op when the device plugin placed it
         # DDP copies rank 0's parameters and buffers to every process here.
-        return torch.nn.parallel.DistributedDataParallel(
+        return TrainingDDP(
             module,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=self.find_unused_parameters,
         )
+
+    @hookimpl
+    def setup_data(self, learner: Learner) -> None:
+        rank, world_size = learner.context.rank, learner.context.world_size
+        learner.train_data = shard_train_data(learner.train_data, rank, world_size, self.seed)
+        if learner.valid_data is not None:
+            learner.valid_data = shard_valid_data(learner.valid_data, rank, world_size)
 
     def on_epoch_begin(self, learner: Learner) -> None:
         data = learner.train_data
@@ -463,27 +408,6 @@ class Distributed:
             set_epoch(learner.epoch)
 
     @hookimpl
-    def forward(self, learner: Learner, batch: Any) -> Any:
-        # Validation and prediction use the plain module: a process may have one batch
-        # fewer than another, and DDP's forward may wait on the others.
-        if self.forward_module is None or not learner.training:
-            return None
-        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if self._compile is None:
-            return self.forward_module(inputs)
-        try:  # the first calls of a compiled model: fall back if it cannot compile
-            pred = self.forward_module(inputs)
-        except Exception as error:
-            if not self._compile.fall_back(error):
-                raise
-            self._compile = None
-            self.forward_module = self._wrap(learner.model)
-            return self.forward_module(inputs)
-        self._compile.succeeded()
-        self._compile = None
-        return pred
-
-    @hookimpl
     def reduce_tensor(self, tensor: torch.Tensor) -> torch.Tensor | None:
         if not dist.is_initialized():
             return None
@@ -492,11 +416,21 @@ class Distributed:
         return total
 
     @hookimpl(trylast=True)  # after the plugins that still reduce or save at the end
-    def on_fit_end(self, learner: Learner) -> None:
-        if self._original_data is not None:
-            learner.train_data, learner.valid_data = self._original_data
-            self._original_data = None
-        self.forward_module = None
+    def on_fit_end(self) -> None:
         if self._owns_group:
             destroy_process_group()
             self._owns_group = False
+
+
+class TrainingDDP(torch.nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel for the training forward pass only.
+
+    Without gradients (validation, prediction) it calls the wrapped module directly:
+    a process may have one batch fewer than another there, and DDP's forward may wait
+    on the others (it broadcasts buffers such as BatchNorm's).
+    """
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.module(*args, **kwargs)
+        return super().forward(*args, **kwargs)

@@ -1,32 +1,6 @@
 """precision: mixed precision training with ``torch.autocast`` and a GradScaler.
 
-``--precision 32`` (the default) trains in float32 and registers nothing.
-``--precision bf16-mixed`` runs the forward pass and the loss under
-``torch.autocast(dtype=torch.bfloat16)``; on the CPU too. ``--precision 16-mixed`` does
-the same with float16 and scales the loss with ``torch.amp.GradScaler`` so that small
-gradients do not underflow:
-
-* autocast is a ``wrapper=True`` implementation around the ``forward`` and
-  ``compute_loss`` steps, whoever owns them; its device type is the one of the model's
-  parameters (the device plugin has placed the model by then);
-* ``backward`` is ``scaler.scale(loss).backward()``;
-* ``on_step_begin`` (``tryfirst``) unscales the gradients, so that plugins that look at
-  gradients there (gradient clipping) see their true values;
-* ``optimizer_step`` is ``scaler.step(optimizer)`` then ``scaler.update()``: a step
-  whose gradients hold inf or NaN is skipped and the scale is lowered, as the scaler
-  intends; the loss itself is finite, so the NaN guard does not mistake it for
-  divergence;
-* the scaler's state goes into checkpoints under the key ``grad_scaler`` and comes back
-  on resume.
-
-float16 needs a device where torch has float16 autocast and a GradScaler: CUDA, and
-the CPU in recent torch (2.4 and later), where it works but is usually slower than
-float32; prefer ``bf16-mixed`` there. Where torch lacks it, ``16-mixed`` is a one-line
-usage error. ``bf16-mixed`` on a GPU without bfloat16 support is one too.
-
-Python API: ``Learner(..., plugins=[Precision("bf16-mixed")])`` (``Precision("16-mixed")``
-is a :class:`ScaledPrecision`, which adds the scaler). Writes nothing but its
-``grad_scaler`` entry in checkpoints.
+See docs/plugins/precision.md.
 """
 
 from __future__ import annotations
@@ -60,12 +34,9 @@ def configure(config: RunConfig) -> None:
     precision = config.options.precision
     if precision == "32":
         return
-    device_name = getattr(config.options, "device", None)
-    if device_name is not None:  # fail before the data loads, not when fit starts
-        from trainloop.plugins.device import resolve_device
-
-        check_precision(precision, resolve_device(device_name).type)
-    config.plugin_manager.register(Precision(precision), "precision.amp")
+    check_precision(precision, config.context.device_type)  # before the data loads
+    plugin = ScaledPrecision() if precision == "16-mixed" else Precision(precision)
+    config.plugin_manager.register(plugin, "precision.amp")
 
 
 def check_precision(precision: str, device_type: str) -> None:
@@ -99,21 +70,18 @@ def check_precision(precision: str, device_type: str) -> None:
 class Precision:
     """Mixed precision: autocast around the forward pass and the loss.
 
-    ``Precision("16-mixed")`` gives a :class:`ScaledPrecision`, which adds the
-    GradScaler; ``bf16-mixed`` needs none, and so pays for no backward or step hook.
+    For ``16-mixed`` use :class:`ScaledPrecision`, which adds the GradScaler;
+    ``bf16-mixed`` needs none, and so pays for no backward or step hook.
 
     Args:
-        precision: ``"bf16-mixed"``, ``"16-mixed"``, or ``"32"`` (does nothing).
+        precision: ``"bf16-mixed"``, or ``"32"`` (does nothing).
     """
-
-    def __new__(cls, precision: str = "bf16-mixed", **scaler_options: Any) -> Precision:
-        if cls is Precision and precision == "16-mixed":
-            cls = ScaledPrecision
-        return super().__new__(cls)
 
     def __init__(self, precision: str = "bf16-mixed") -> None:
         if precision not in PRECISIONS:
             raise UsageError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+        if precision == "16-mixed" and not isinstance(self, ScaledPrecision):
+            raise ValueError("Precision('16-mixed') needs a GradScaler: use ScaledPrecision()")
         self.precision = precision
         self.dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
         self._device_type = "cpu"
@@ -122,11 +90,9 @@ class Precision:
         parameter = next(learner.model.parameters(), None)
         self._device_type = parameter.device.type if parameter is not None else "cpu"
 
-    @hookimpl(wrapper=True)  # after the device plugin's wrapper (tryfirst) placed the model
-    def on_fit_begin(self, learner: Learner) -> Any:
-        self._use_model_device(learner)
+    def on_fit_begin(self, learner: Learner) -> None:
+        self._use_model_device(learner)  # set up by now: placed where it trains
         check_precision(self.precision, self._device_type)
-        return (yield)
 
     def on_valid_begin(self, learner: Learner) -> None:
         self._use_model_device(learner)  # validate() without fit
@@ -134,7 +100,7 @@ class Precision:
     def on_predict_begin(self, learner: Learner) -> None:
         self._use_model_device(learner)
 
-    # Autocast wraps whoever owns the step: the core, the compile or the DDP plugin.
+    # Autocast wraps whoever owns the step.
 
     @hookimpl(wrapper=True)
     def forward(self) -> Any:
@@ -171,15 +137,13 @@ class ScaledPrecision(Precision):
         self.scaler: torch.amp.GradScaler | None = None
         self._scaler_state: dict[str, Any] | None = None  # loaded before the scaler exists
 
-    @hookimpl(wrapper=True)
-    def on_fit_begin(self, learner: Learner) -> Any:
-        self._use_model_device(learner)
-        check_precision(self.precision, self._device_type)
-        if self.scaler is None:
+    @hookimpl(tryfirst=True)  # the scaler exists before a plain on_fit_begin restores it
+    def on_fit_begin(self, learner: Learner) -> None:
+        super().on_fit_begin(learner)
+        if self.scaler is None:  # a resume may have given its state already
             self.scaler = torch.amp.GradScaler(self._device_type, **self.scaler_options)
             if self._scaler_state is not None:
                 self.scaler.load_state_dict(self._scaler_state)
-        return (yield)  # a resuming plugin then restores the scaler's state
 
     @hookimpl
     def backward(self, loss: torch.Tensor) -> bool:

@@ -1,39 +1,6 @@
 """tensorboard: scalars, sample images and hyperparameters for TensorBoard.
 
-On by default under the command line (``--no-tensorboard`` turns it off). It writes
-TensorBoard event files (with ``tensorboardX``) straight into the run folder, so
-``tensorboard --logdir runs/`` shows every run, named ``<recipe>/<timestamp>``.
-Only the main process writes (``config.is_main_process``; with the Python API, rank 0
-when ``torch.distributed`` is initialised).
-
-What it writes:
-
-* **Every epoch**, at step = ``learner.epoch``: each number in ``learner.metrics`` as
-  a scalar under its own name (``train_loss``, ``valid_loss``, ``valid_<metric>``,
-  ``lr`` when the lr_scheduler adds it, and any key another plugin adds). It runs with
-  ``trylast`` to see every plugin's keys, then flushes the file.
-* **Every N training batches** with ``--tensorboard-every N`` (0, the default, is
-  off): ``batch/train_loss`` and ``batch/lr`` at step = the batch's index since the
-  start of the run (``learner.step``), logged on batches 0, N, 2N, ... This reads the
-  loss from the device (``.item()``) on those batches only; with N = 0 the plugin
-  implements no per-batch hook at all.
-* **Sample images** (``--tensorboard-images K``, default 4, 0 is off): each epoch,
-  the first K validation samples with their predictions, turned into pictures by
-  the ``render_batch(learner, batch, pred)`` hook that the task implements (it
-  returns ``{name: 3 x H x W float image in [0, 1]}``, or ``N x 3 x H x W`` for a
-  grid), written under ``valid_images/<name>`` at step = the epoch. The plugin knows
-  nothing about the task: if no plugin implements ``render_batch``, it writes no
-  images and watches no batch. Otherwise it watches validation batches only, until
-  it holds K samples (copies of K samples, kept on the device: no sync until the
-  images are written once per epoch).
-* **At the end of fit** (whatever happened): the hyperparameters (the recipe's
-  ``Config`` as a flat dict, or the ``hparams`` given to the class) for the HParams
-  dashboard, with the last epoch's metrics as its metrics, then the file is closed.
-
-Options: ``--tensorboard`` / ``--no-tensorboard``, ``--tensorboard-every N``,
-``--tensorboard-images K``.
-
-Python API: ``Learner(..., plugins=[TensorBoardLogger("runs/exp1", every=50)])``.
+See docs/plugins/tensorboard.md.
 """
 
 from __future__ import annotations
@@ -112,14 +79,6 @@ class TensorBoardLogger:
         log_dir: where the event files go (known once ``fit`` has begun).
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> TensorBoardLogger:
-        # Only with step logging does the logger implement the per-batch hook
-        # on_batch_end, so by default it adds nothing to the batch loop.
-        every = kwargs.get("every", args[1] if len(args) > 1 else 0)
-        if cls is TensorBoardLogger and every:
-            cls = _StepTensorBoardLogger
-        return super().__new__(cls)
-
     def __init__(
         self,
         log_dir: str | Path | None = None,
@@ -137,13 +96,14 @@ class TensorBoardLogger:
         self.hparams = hparams
         self.writer: Any = None
         self._samples: _ValidationSamples | None = None
+        self._batches: _BatchScalars | None = None
         self._renders = False
 
     # --- fit ---------------------------------------------------------------------------
 
     @hookimpl(trylast=True)  # after a resuming plugin has set learner.epoch
     def on_fit_begin(self, learner: Learner) -> None:
-        if not _is_main_process():
+        if not learner.context.is_main_process:
             return
         if self.log_dir is None:
             if learner.run_dir is None:
@@ -153,9 +113,15 @@ class TensorBoardLogger:
 
         self.writer = SummaryWriter(logdir=str(self.log_dir))
         self._renders = self.images > 0 and bool(learner.hook.render_batch.get_hookimpls())
+        if self.every:  # a per-batch hook only when asked for: none by default
+            self._batches = _BatchScalars(self.writer, self.every)
+            learner.add_plugin(self._batches, "tensorboard.batches")
 
     def on_fit_end(self, learner: Learner) -> None:
         self._stop_watching(learner)
+        if self._batches is not None:
+            learner.plugin_manager.unregister(self._batches)
+            self._batches = None
         if self.writer is None:
             return
         try:
@@ -248,11 +214,15 @@ class TensorBoardLogger:
             file_writer.add_summary(session_end)
 
 
-class _StepTensorBoardLogger(TensorBoardLogger):
-    """A :class:`TensorBoardLogger` with ``every > 0``: also logs every N-th batch."""
+class _BatchScalars:
+    """Logs ``batch/train_loss`` and ``batch/lr`` every ``every`` training batches."""
+
+    def __init__(self, writer: Any, every: int) -> None:
+        self.writer = writer
+        self.every = every
 
     def on_batch_end(self, learner: Learner) -> None:
-        if not learner.training or learner.step % self.every or self.writer is None:
+        if not learner.training or learner.step % self.every:
             return
         if learner.loss is not None:
             self.writer.add_scalar(STEP_PREFIX + "train_loss", learner.loss.item(), learner.step)
@@ -365,8 +335,3 @@ def _per_sample(sequence: tuple | list) -> bool:
     return bool(sequence) and all(
         isinstance(item, (str, bytes, numbers.Number)) for item in sequence
     )
-
-
-def _is_main_process() -> bool:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return not distributed or torch.distributed.get_rank() == 0

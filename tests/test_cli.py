@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from pathlib import Path
 
@@ -91,17 +92,16 @@ def test_default_run_folder_is_runs_recipe_timestamp(tiny, tmp_path, capsys, mon
     assert len(folders) == 1 and (folders[0] / "metrics.jsonl").exists()
 
 
-def test_config_fields_become_typed_options(tiny, tmp_path, capsys, monkeypatch):
-    import trainloop.cli
-
+def test_config_fields_become_typed_options(tiny, tmp_path, capsys):
     built = {}
-    real_attach = trainloop.cli._attach
 
-    def spy(learner, *args):
-        built["cfg"] = learner.built_with
-        return real_attach(learner, *args)
+    class SeesTheConfig:  # the Config that build(cfg) got, as the learner holds it
+        def on_fit_begin(self, learner):
+            built["cfg"] = learner.built_with
 
-    monkeypatch.setattr(trainloop.cli, "_attach", spy)
+    module = type(sys)("sees_the_config")
+    module.plugin = SeesTheConfig()
+    sys.modules["sees_the_config"] = module
     args = [
         "--no-shuffle",
         "--size",
@@ -116,7 +116,11 @@ def test_config_fields_become_typed_options(tiny, tmp_path, capsys, monkeypatch)
         "--lr",
         "0.5",
     ]
-    assert run("run", tiny, "--out", tmp_path / "o", *args, capsys=capsys)[0] == 0
+    out = tmp_path / "o"
+    assert (
+        run("run", tiny, "--out", out, "-p", "sees_the_config:plugin", *args, capsys=capsys)[0] == 0
+    )
+    del sys.modules["sees_the_config"]
     cfg = built["cfg"]
     assert (cfg.shuffle, cfg.size, cfg.kind, cfg.limit, cfg.folder, cfg.lr) == (
         False,

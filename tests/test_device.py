@@ -16,8 +16,9 @@ from conftest import make_learner
 
 from trainloop import Learner, PluginManager, RunConfig, UsageError
 from trainloop.cli import main
+from trainloop.context import current_run, pin_memory_default
 from trainloop.plugins import device as device_plugin
-from trainloop.plugins.device import Compile, Device, move_batch, pin_memory_default, resolve_device
+from trainloop.plugins.device import Compile, CompiledModule, Device, move_batch, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -27,9 +28,9 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def configure(**options) -> RunConfig:
     """Run the device plugin's configure hook with these options; return the config."""
     values = {"device": "auto", "channels_last": False, "compile": False, **options}
-    config = RunConfig(
-        argparse.Namespace(**values), Path("unused"), Path("r.py"), None, PluginManager()
-    )
+    options = argparse.Namespace(**values)
+    config = RunConfig(options, Path("unused"), Path("r.py"), None, PluginManager())
+    device_plugin.configure_context(context=config.context, options=options)
     device_plugin.configure(config=config)
     return config
 
@@ -103,24 +104,22 @@ def test_a_bad_device_on_the_command_line_is_one_line_and_exit_status_2(capsys):
 def test_on_the_cpu_without_options_the_plugin_registers_nothing():
     config = configure()
     assert extra_plugins(config) == []
-    assert pin_memory_default() is False
+    assert config.context.device == torch.device("cpu")
     learner = make_learner(plugin_manager=config.plugin_manager)
     owners = [impl.plugin_name for impl in learner.hook.transfer_batch.get_hookimpls()]
     assert owners == ["core"]  # the learner then calls the core's transfer directly
-    device_plugin.unconfigure()
 
 
 def test_channels_last_or_compile_register_their_plugins_even_on_the_cpu():
     assert extra_plugins(configure(device="cpu", channels_last=True)) == ["device.placement"]
     assert extra_plugins(configure(device="cpu", compile=True)) == ["device.compile"]
-    device_plugin.unconfigure()
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA is present")
 def test_memory_is_not_pinned_when_batches_stay_on_the_cpu():
-    configure(device="cpu")
-    assert pin_memory_default() is False
-    device_plugin.unconfigure()
+    config = configure(device="cpu")
+    with current_run(config.context, config.plugin_manager):
+        assert pin_memory_default() is False
     assert pin_memory_default() is False
 
 
@@ -205,9 +204,9 @@ def test_cuda_gets_the_model_once_and_pinned_batches_without_blocking():
     learner.fit(1)
     assert next(learner.model.parameters()).device.type == "cuda"
     assert set(devices) == {"cuda"}
-    configure(device="auto")
-    assert pin_memory_default() is True
-    device_plugin.unconfigure()
+    config = configure(device="auto")
+    with current_run(config.context, config.plugin_manager):
+        assert pin_memory_default() is True
 
 
 # --- torch.compile ---------------------------------------------------------------------
@@ -225,7 +224,7 @@ def test_compile_runs_the_forward_pass_compiled_and_keeps_the_plain_module():
     model = learner.model
     history = learner.fit(2)
     assert graphs, "the compiled forward pass was never used"
-    assert plugin.failed is None
+    assert isinstance(learner.module, CompiledModule) and learner.module.failed is None
     assert learner.model is model
     assert all(not key.startswith("_orig_mod") for key in learner.model.state_dict())
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -235,13 +234,12 @@ def test_compile_that_fails_says_so_in_one_line_once_and_training_goes_on(capsys
     def broken_backend(graph_module, example_inputs):
         raise RuntimeError("no C++ compiler on this platform")
 
-    plugin = Compile(backend=broken_backend)
-    learner = make_learner(plugins=[plugin])
+    learner = make_learner(plugins=[Compile(backend=broken_backend)])
     history = learner.fit(2)
     err = capsys.readouterr().err
     assert err.count("cannot compile here") == 1
     assert "no C++ compiler" in err
-    assert plugin.failed is not None and plugin.compiled is None
+    assert learner.module.failed is not None
     assert len(history) == 2
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 

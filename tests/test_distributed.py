@@ -23,7 +23,7 @@ from trainloop.data.mnist import load_mnist, write_idx_files
 from trainloop.data.tensors import TensorBatches
 from trainloop.plugins import distributed
 from trainloop.plugins.checkpoint import Checkpoint
-from trainloop.plugins.device import Compile
+from trainloop.plugins.device import Compile, CompiledModule
 from trainloop.plugins.distributed import (
     Distributed,
     ShardedTensorBatches,
@@ -155,10 +155,11 @@ def test_outside_torchrun_the_plugin_registers_nothing(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     options = argparse.Namespace(nproc_per_node=None, device="auto", dist_backend="auto", seed=0)
     config = RunConfig(options, Path("unused"), Path("r.py"), None, PluginManager())
+    distributed.configure_context(context=config.context, options=options)
     distributed.configure(config=config)
     assert list(config.plugin_manager.list_name_plugin()) == []
     assert config.is_main_process
-    assert distributed.make_run_dir(options=options, recipe_path=Path("r.py")) is None
+    assert distributed.make_run_dir(recipe_path=Path("r.py"), context=config.context) is None
 
 
 # --- two processes, gloo ---------------------------------------------------------------
@@ -282,7 +283,7 @@ def test_training_goes_through_ddp_while_learner_model_stays_the_plain_module(
     learner.fit(1)
     assert learner.model is model and learner.train_data is train_data  # given back
     assert {name for training, name in seen if training} == {"ShardedTensorBatches"}
-    assert plugin.forward_module is None
+    assert isinstance(learner.module, distributed.TrainingDDP) and learner.module.module is model
     assert dist.is_initialized()  # the plugin leaves a group it did not start
 
 
@@ -319,12 +320,12 @@ def test_with_compile_ddp_wraps_the_compiled_model(process_group_of_one):
 
     class Looks:
         def on_train_begin(self, learner):
-            wrapped.append(ddp.forward_module.module is compile_plugin.compiled)
+            wrapped.append(isinstance(learner.module.module, CompiledModule))
 
     learner = shuffled_learner(ddp, compile_plugin, Looks())
     history = learner.fit(2)
     assert wrapped == [True, True]
-    assert graphs and compile_plugin.failed is None
+    assert graphs and learner.module.module.failed is None
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
@@ -340,7 +341,7 @@ def test_with_compile_failing_under_ddp_training_goes_on_with_the_plain_model(
 
     class Looks:
         def on_train_end(self, learner):
-            wrapped.append(ddp.forward_module.module is learner.model)
+            wrapped.append(learner.module.module.failed is not None)
 
     learner = shuffled_learner(ddp, compile_plugin, Looks())
     history = learner.fit(2)

@@ -113,10 +113,10 @@ def test_a_non_positive_clip_is_a_usage_error_on_the_command_line(tmp_path, caps
 
 
 def test_with_fp16_amp_the_clip_sees_unscaled_gradients():
-    from trainloop.plugins.precision import Precision
+    from trainloop.plugins.precision import ScaledPrecision
 
     try:
-        amp = Precision("16-mixed")
+        amp = ScaledPrecision()
     except UsageError as error:
         pytest.skip(f"no float16 autocast here: {error}")
     after = GradientSpy()

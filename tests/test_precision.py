@@ -128,7 +128,7 @@ def test_the_mnist_recipe_trains_with_bf16_mixed_from_the_command_line(tmp_path,
 
 
 def test_16_mixed_is_a_scaled_precision_with_a_grad_scaler():
-    plugin = Precision("16-mixed", init_scale=256.0)
+    plugin = ScaledPrecision(init_scale=256.0)
     assert isinstance(plugin, ScaledPrecision)
     learner = learner_with(plugin)
     learner.fit(1)
@@ -143,7 +143,7 @@ def test_gradients_are_unscaled_before_plain_on_step_begin_plugins_such_as_clipp
         def on_step_begin(self, learner):
             seen.append(learner.model.out.bias.grad.clone())
 
-    scaled = learner_with(Precision("16-mixed", init_scale=1024.0), LooksAtGradients())
+    scaled = learner_with(ScaledPrecision(init_scale=1024.0), LooksAtGradients())
     scaled.train_data = scaled.train_data[:1]
     scaled.fit(1)
     reference = learner_with(LooksAtGradients())  # float32, no scaler
@@ -159,7 +159,7 @@ def test_a_step_with_infinite_gradients_is_skipped_and_the_scale_lowered():
             if learner.step == 0:
                 learner.model.out.weight.grad[0, 0] = float("inf")
 
-    plugin = Precision("16-mixed", init_scale=256.0)
+    plugin = ScaledPrecision(init_scale=256.0)
     learner = learner_with(plugin, PoisonsTheFirstGradients())
     learner.train_data = learner.train_data[:1]
     before = {key: value.clone() for key, value in learner.model.state_dict().items()}
@@ -169,7 +169,7 @@ def test_a_step_with_infinite_gradients_is_skipped_and_the_scale_lowered():
     assert plugin.scaler.get_scale() == 128.0
     assert history[0]["train_loss"] == pytest.approx(history[0]["train_loss"])  # finite
 
-    control = Precision("16-mixed", init_scale=256.0)
+    control = ScaledPrecision(init_scale=256.0)
     learner = learner_with(control)
     learner.train_data = learner.train_data[:1]
     learner.fit(1)
@@ -178,7 +178,7 @@ def test_a_step_with_infinite_gradients_is_skipped_and_the_scale_lowered():
 
 
 def test_the_grad_scaler_state_goes_into_checkpoints_and_comes_back(tmp_path):
-    trained = Precision("16-mixed", init_scale=512.0, growth_interval=1)
+    trained = ScaledPrecision(init_scale=512.0, growth_interval=1)
     learner = learner_with(trained)
     learner.fit(1)  # grows the scale once per clean step
     checkpoint = {}
@@ -199,11 +199,11 @@ def test_the_grad_scaler_state_goes_into_checkpoints_and_comes_back(tmp_path):
             learner.hook.on_load_checkpoint(learner=learner, checkpoint=loaded)
             scales_at_fit_begin.append(self.plugin.scaler.get_scale())
 
-    resumed = Precision("16-mixed", init_scale=512.0)
+    resumed = ScaledPrecision(init_scale=512.0)
     learner_with(resumed, Resumes(resumed)).fit(1)
     assert scales_at_fit_begin == [saved_scale]
 
-    loaded_before_fit = Precision("16-mixed", init_scale=512.0)
+    loaded_before_fit = ScaledPrecision(init_scale=512.0)
     learner = learner_with(loaded_before_fit)
     learner.hook.on_load_checkpoint(learner=learner, checkpoint=loaded)
     learner.train_data = learner.train_data[:1]

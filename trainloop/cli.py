@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import trainloop
+from trainloop.context import RunContext, current_run
 from trainloop.errors import TrainingError, UsageError
 from trainloop.manager import PluginManager
 from trainloop.recipe import (
@@ -249,25 +250,22 @@ def run(argv: list[str]) -> int:
     seed_everything(options.seed)
     if options.deterministic:
         make_deterministic()
-    run_dir = options.out or manager.hook.make_run_dir(options=options, recipe_path=recipe_path)
+    context = RunContext.from_environment()
+    manager.hook.configure_context(context=context, options=options)
+    run_dir = options.out or manager.hook.make_run_dir(
+        options=options, recipe_path=recipe_path, context=context
+    )
     # A new default folder, and the parents made for it, go again if the run never starts.
     made_here = [] if run_dir else _parents_of_default(recipe_path)
     run_dir = Path(run_dir or new_run_dir(recipe_path))
-    config = RunConfig(options, run_dir, recipe_path, cfg, manager)
+    config = RunConfig(options, run_dir, recipe_path, cfg, manager, context)
     lock = RunLock(run_dir)
     aside: Path | None = None
     try:
         manager.hook.configure(config=config)
         if config.is_main_process and (not resuming or options.resume == "auto"):
             _check_fresh(run_dir, options)  # fail early, before the recipe loads its data
-        learner = recipe.build(cfg)
-        from trainloop.learner import Learner
-
-        if not isinstance(learner, Learner):
-            raise UsageError(
-                f"recipe {recipe_path}: build(cfg) returned {type(learner).__name__}, not a Learner"
-            )
-        _attach(learner, manager, selection.plugins, run_dir, cfg)
+        learner = _build(recipe, config, selection.plugins)
         # Every check that can fail on input is done by now: the run folder is untouched.
         manager.hook.check_run(config=config, learner=learner)
         if config.is_main_process:
@@ -486,14 +484,15 @@ def predict(argv: list[str]) -> int:
     seed_everything(options.seed)
     made = [] if options.out or (run_dir / "predict").exists() else [run_dir / "predict"]
     out = options.out or new_run_dir("predict", root=run_dir)
-    config = RunConfig(options, Path(out), recipe_path, cfg, manager)
+    context = RunContext.from_environment()
+    manager.hook.configure_context(context=context, options=options)
+    config = RunConfig(options, Path(out), recipe_path, cfg, manager, context)
     lock = RunLock(config.run_dir)
     try:
         manager.hook.configure(config=config)
         if config.is_main_process:
             _check_fresh(config.run_dir, options)
-        learner = recipe.build(cfg)
-        _attach(learner, manager, selection.plugins, config.run_dir, cfg)
+        learner = _build(recipe, config, selection.plugins)
         _load_weights(learner, run_dir / MODEL_NAME)
         if config.is_main_process:
             _take_run_dir(config.run_dir, lock, options, resuming=False)
@@ -543,11 +542,8 @@ def _load_weights(learner: Learner, path: Path) -> None:
         weights = saved["model"]
     except Exception as error:
         raise UsageError(f"{path}: cannot read it ({type(error).__name__}: {error})") from None
-    model = learner.model
-    while isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP and the like
-        model = model.module
     try:
-        model.load_state_dict(weights)
+        learner.model.load_state_dict(weights)
     except RuntimeError as error:
         first = str(error).strip().splitlines()[0]
         raise UsageError(f"{path}: its weights do not fit the recipe's model ({first})") from None
@@ -590,15 +586,26 @@ def _add_common_options(parser: argparse.ArgumentParser, field_names: list[str])
     )
 
 
-def _attach(
-    learner: Learner, manager: PluginManager, specs: list[str], run_dir: Path, cfg: Any
-) -> None:
-    """Give the recipe's Learner the run's plugins, folder and config."""
-    for name, plugin in manager.list_name_plugin():
-        if plugin is None or learner.plugin_manager.is_registered(plugin):
-            continue
-        free_name = None if learner.plugin_manager.has_plugin(name) else name
-        learner.add_plugin(plugin, free_name, origin=manager.origins.get(name, "api"))
+def _build(recipe: Any, config: RunConfig, specs: list[str]) -> Learner:
+    """The recipe's Learner, made as part of the run: with its plugin manager and context.
+
+    Plugins the recipe passes register with the run's one plugin manager; ``-p no:NAME``
+    also switches off one of them. The learner gets the run folder and the Config.
+    """
+    from trainloop.learner import Learner
+
+    with current_run(config.context, config.plugin_manager):
+        learner = recipe.build(config.recipe_config)
+    if not isinstance(learner, Learner):
+        raise UsageError(
+            f"recipe {config.recipe_path}: build(cfg) returned {type(learner).__name__}, "
+            "not a Learner"
+        )
+    if learner.plugin_manager is not config.plugin_manager:
+        raise UsageError(
+            f"recipe {config.recipe_path}: build(cfg) gave its Learner a plugin_manager of its "
+            "own; leave it out, so that the run's plugins reach the learner"
+        )
     for spec in specs:  # -p no:NAME also switches off a plugin the recipe passed
         if spec.startswith("no:") and learner.plugin_manager.has_plugin(spec[3:]):
             learner.plugin_manager.unregister(name=spec[3:])
@@ -608,8 +615,9 @@ def _attach(
                 " (see 'trainloop plugins')"
             )
     if learner.run_dir is None:
-        learner.run_dir = run_dir
-    learner.config = cfg
+        learner.run_dir = config.run_dir
+    learner.config = config.recipe_config
+    return learner
 
 
 def _known_plugin_names() -> set[str]:

@@ -29,7 +29,11 @@ of this epoch's batches done), ``learner.step`` (training batches done since the
 of the run), ``learner.batch``, ``learner.pred``, ``learner.loss``,
 ``learner.training``, ``learner.metrics`` (the current epoch's values),
 ``learner.history`` (one dict per finished epoch), ``learner.run_dir`` (the run
-folder, or ``None``) and ``learner.config`` (the recipe's Config under the CLI).
+folder, or ``None``), ``learner.config`` (the recipe's Config under the CLI),
+``learner.context`` (the run's device, rank, world size and ``is_main_process``: a
+:class:`~trainloop.context.RunContext`), ``learner.model`` (the bare module) and
+``learner.module`` (what the forward step calls: the model as the set-up hooks placed,
+compiled and wrapped it).
 
 To end ``fit`` from a plugin, set ``learner.should_stop = True`` (checked after each
 training batch and after each epoch) or raise StopFit. In ``on_epoch_end`` prefer the
@@ -63,6 +67,7 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
+    from trainloop.context import RunContext
     from trainloop.learner import Learner
     from trainloop.manager import PluginManager
     from trainloop.run import RunConfig
@@ -100,11 +105,12 @@ def configure(config: RunConfig) -> None:
     """Read your options and set up for the run; called after the command line is parsed.
 
     ``config.options`` holds every option, ``config.run_dir`` the run folder (created
-    once the recipe has built its Learner, before ``fit``), ``config.recipe_config`` the recipe's ``Config``, and
-    ``config.is_main_process`` whether this process writes files (set it to ``False``
-    with ``tryfirst`` on the other ranks of a distributed run; plugins that write
-    files, print or log check it). This is the place to register
-    a stateful plugin object that does the per-run work, only when it is needed::
+    once the recipe has built its Learner, before ``fit``), ``config.recipe_config``
+    the recipe's ``Config``, ``config.context`` the run context (filled in by
+    :func:`configure_context`) and ``config.is_main_process`` whether this process
+    writes files (rank 0; plugins that write files, print or log check it). This is the
+    place to register a stateful plugin object that does the per-run work, only when it
+    is needed::
 
         if config.options.tensorboard:
             config.plugin_manager.register(TensorBoardLogger(config.run_dir), "tb-logger")
@@ -113,14 +119,30 @@ def configure(config: RunConfig) -> None:
     """
 
 
+@hookspec
+def configure_context(context: RunContext, options: argparse.Namespace) -> None:
+    """Fill in the run context: the first hook of ``trainloop run``, once options are parsed.
+
+    ``context`` (a :class:`~trainloop.context.RunContext`) holds the rank, world size and
+    local rank that torchrun set. The device plugin chooses ``context.device`` here from
+    ``--device``; the distributed plugin, ``trylast`` because it needs the device, joins
+    the process group. Everything later (the run folder, :func:`configure`, the recipe's
+    ``build``, the learner) reads the context instead of another plugin's options.
+    Raise :class:`~trainloop.UsageError` for a bad option value.
+    """
+
+
 @hookspec(firstresult=True)
-def make_run_dir(options: argparse.Namespace, recipe_path: Path) -> Path | None:
+def make_run_dir(
+    options: argparse.Namespace, recipe_path: Path, context: RunContext
+) -> Path | None:
     """Return the run folder to use when ``--out`` is not given, or ``None`` for the default.
 
     The default is a new ``runs/<recipe>/<timestamp>`` made with
     :func:`trainloop.run_folder.new_run_dir`, unique even for runs started in the same
     second. The distributed plugin implements this so that every process agrees on one
-    folder. A folder made here that the run never uses is removed again.
+    folder (rank 0 makes it and tells the others). A folder made here that the run never
+    uses is removed again.
     """
 
 
@@ -141,6 +163,59 @@ def unconfigure(config: RunConfig) -> None:
     """The run is over (whatever happened); release what :func:`configure` set up."""
 
 
+# --- Set-up: the model and the data, before the loop needs them ----------------------
+#
+# The learner runs these in this declared order, before ``on_fit_begin`` (and before
+# ``validate`` or ``predict`` when ``fit`` has not run), once per model::
+#
+#     place_model(model)                  every plugin: move or convert it, in place
+#     module = compile_model(model)       one owner: torch.compile, or nothing
+#     module = wrap_model(module)         one owner: DDP or FSDP, or nothing
+#     learner.module = module             what the forward step calls
+#
+# and at the start of each ``fit``: ``setup_data`` (split the data between processes).
+
+
+@hookspec
+def place_model(learner: Learner, model: torch.nn.Module) -> None:
+    """Move or convert ``model`` (``learner.model``, the bare module) in place.
+
+    The device plugin moves it to ``learner.context.device`` (and to ``channels_last``).
+    Parameters keep their identity, so an optimizer made from them keeps working.
+    """
+
+
+@hookspec(firstresult=True)
+def compile_model(learner: Learner, module: torch.nn.Module) -> torch.nn.Module | None:
+    """Return a compiled version of the placed ``module``, or ``None`` to keep it.
+
+    The device plugin's ``--compile`` returns ``torch.compile(module)`` behind a guard
+    that falls back to ``module`` when this platform cannot compile.
+    """
+
+
+@hookspec(firstresult=True)
+def wrap_model(learner: Learner, module: torch.nn.Module) -> torch.nn.Module | None:
+    """Return a wrapper around ``module`` (the compiled one, if any), or ``None``.
+
+    The distributed plugin returns DistributedDataParallel here. The learner calls the
+    result for every forward pass (``learner.module``) and keeps ``learner.model`` the
+    bare module, whose ``state_dict`` checkpoints hold. A wrapper that replaces the
+    model's parameters (FSDP) makes the learner build its optimizer again from the
+    optimizer factory it was given.
+    """
+
+
+@hookspec
+def setup_data(learner: Learner) -> None:
+    """``fit`` starts: replace ``learner.train_data`` or ``learner.valid_data`` for this fit.
+
+    The distributed plugin gives each process its share here. The learner puts the
+    original data back when ``fit`` ends, whatever happened. Fires before
+    ``on_fit_begin``, so a resuming plugin sees the data the loop will run on.
+    """
+
+
 # --- Events of fit, validate and predict ----------------------------------------------
 
 
@@ -148,12 +223,11 @@ def unconfigure(config: RunConfig) -> None:
 def on_fit_begin(learner: Learner) -> None:
     """``fit`` starts. ``learner.epoch`` is 0, ``learner.epochs`` is set.
 
-    A plugin that resumes a run restores ``learner.epoch``, ``learner.iteration`` and
-    ``learner.step`` here (the checkpoint plugin, with ``learner.load_state_dict``);
-    ``fit`` continues from there. Order by convention: plugins that place the model
-    (device, distributed) run first (a ``wrapper=True`` implementation, whose code
-    before ``yield`` runs before every plain one), plugins that restore state run as
-    plain implementations, and plugins that read the restored state use ``trylast``.
+    The model is set up by now (placed, compiled, wrapped: see :func:`place_model`) and
+    the data is this process's (:func:`setup_data`). A plugin that resumes a run
+    restores ``learner.epoch``, ``learner.iteration`` and ``learner.step`` here (the
+    checkpoint plugin, with ``learner.load_state_dict``); ``fit`` continues from there.
+    Plugins that read the restored state use ``trylast``.
     """
 
 

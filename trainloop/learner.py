@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from trainloop import context as run_context
+from trainloop.context import RunContext
 from trainloop.errors import CancelBatch, CancelEpoch, StopFit, UsageError
 from trainloop.hookspecs import event_names, hookimpl
 from trainloop.manager import PluginManager
@@ -59,6 +61,10 @@ class Learner:
         plugins: plugin objects (instances, or modules with hook functions).
         run_dir: the run folder plugins write into, if any (the CLI sets it).
         plugin_manager: a :class:`~trainloop.PluginManager` to use instead of a new one.
+            Under ``trainloop run`` the default is the run's own manager, so the
+            recipe's plugins and the run's are registered in one place.
+        context: the run context (device, rank, world size); the default is the
+            run's under ``trainloop run``, else one made from torchrun's variables.
 
     Attributes:
         epoch: the current epoch, from 0. ``epochs``: how many ``fit`` was asked for.
@@ -73,6 +79,11 @@ class Learner:
         should_stop: set it to end ``fit`` after the current batch or epoch.
         exception: what ended the last ``fit`` or ``predict``, or ``None``.
         run_dir, config: the run folder and the recipe's Config (set by the CLI).
+        context: the run context: ``context.device``, ``context.rank``,
+            ``context.world_size``, ``context.is_main_process``.
+        model: the bare module, as given: checkpoints hold its ``state_dict``.
+        module: what the forward step calls: ``model`` as the set-up hooks placed,
+            compiled and wrapped it (see :meth:`setup`); ``model`` until then.
         hook: the plugin manager's hook relay, to call hooks from a plugin.
     """
 
@@ -89,15 +100,22 @@ class Learner:
         plugins: Iterable[Any] = (),
         run_dir: str | Path | None = None,
         plugin_manager: PluginManager | None = None,
+        context: RunContext | None = None,
     ) -> None:
+        run = run_context.current()  # the CLI's run, while the recipe builds its Learner
         self.model = model
+        self.module: torch.nn.Module = model
         self.train_data = train_data
         self.valid_data = valid_data
         self.loss_func = loss_func
         if isinstance(optimizer, torch.optim.Optimizer):
             self.optimizer = optimizer
+            self._make_optimizer = None
         else:
             self.optimizer = optimizer(model.parameters())
+            self._make_optimizer = optimizer
+        self.context = context or (run[0] if run else RunContext.from_environment())
+        self._set_up_for: torch.nn.Module | None = None
         self.metric_funcs = tuple(metrics)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.config: Any = None  # the recipe's Config when run from the CLI
@@ -116,11 +134,11 @@ class Learner:
         self.should_stop = False  # set it from a plugin to end fit after the current batch
         self._train_losses: list[tuple[torch.Tensor, int]] = []
 
-        self.plugin_manager = plugin_manager or PluginManager()
+        self.plugin_manager = plugin_manager or (run[1] if run else PluginManager())
         self.hook = self.plugin_manager.hook
-        self._core = _CoreSteps()
-        if not self.plugin_manager.is_registered(self._core):
-            self.plugin_manager.register(self._core, "core", origin="core")
+        if not self.plugin_manager.has_plugin("core"):  # one for every learner of a manager
+            self.plugin_manager.register(_CoreSteps(), "core", origin="core")
+        self._core = self.plugin_manager.get_plugin("core")
         for plugin in plugins:
             self.add_plugin(plugin)
         self.plugin_manager.add_listener(self._refresh_hooks)
@@ -176,6 +194,36 @@ class Learner:
             if final is not None:
                 final()
 
+    # --- set-up ------------------------------------------------------------------------
+
+    def setup(self) -> torch.nn.Module:
+        """Place, compile and wrap the model, once per model; return ``learner.module``.
+
+        Runs the set-up hooks in their declared order (``place_model``, then
+        ``compile_model``, then ``wrap_model``, each given what the one before
+        produced). ``fit``, ``validate`` and ``predict`` call it; call it yourself to
+        set up before them. When a wrapper replaced the model's parameters (FSDP), the
+        optimizer is made again from the factory the learner was given.
+        """
+        if self._set_up_for is self.model:
+            return self.module
+        before = [id(parameter) for parameter in self.model.parameters()]
+        self.hook.place_model(learner=self, model=self.model)
+        module = self.model
+        module = self.hook.compile_model(learner=self, module=module) or module
+        module = self.hook.wrap_model(learner=self, module=module) or module
+        self.module = module
+        self._set_up_for = self.model
+        if [id(parameter) for parameter in self.model.parameters()] != before:
+            if self._make_optimizer is None:
+                raise UsageError(
+                    "the model's parameters were replaced while it was set up (FSDP does "
+                    "this): give the Learner an optimizer factory, such as "
+                    "functools.partial(torch.optim.SGD, lr=0.01), not an Optimizer"
+                )
+            self.optimizer = self._make_optimizer(self.model.parameters())
+        return module
+
     # --- fit ---------------------------------------------------------------------------
 
     def fit(self, epochs: int) -> list[dict[str, float]]:
@@ -190,7 +238,10 @@ class Learner:
         self.exception = None
         self.should_stop = False
         self._train_losses = []
+        data = (self.train_data, self.valid_data)
         try:
+            self.setup()
+            self.hook.setup_data(learner=self)
             self._fire("on_fit_begin")
             while self.epoch < self.epochs:
                 self.metrics = {}
@@ -207,7 +258,10 @@ class Learner:
             self._fire_exception(error)
             raise
         finally:
-            self._fire("on_fit_end")
+            try:
+                self._fire("on_fit_end")
+            finally:
+                self.train_data, self.valid_data = data  # what setup_data replaced
         return self.history
 
     def _record_epoch(self) -> None:
@@ -220,7 +274,7 @@ class Learner:
 
     def _run_train(self) -> None:
         self.training = True
-        self.model.train()
+        self.module.train()
         batches = self._iter_train_data(learner=self)
         first = self.iteration
         try:
@@ -291,8 +345,9 @@ class Learner:
         return {key: value for key, value in self.metrics.items() if key.startswith("valid_")}
 
     def _run_valid(self, data: Iterable[Any]) -> None:
+        self.setup()  # validate() without fit
         self.training = False
-        self.model.eval()
+        self.module.eval()
         totals: list[torch.Tensor] = []
         sizes: list[int] = []
 
@@ -349,8 +404,9 @@ class Learner:
         returned (concatenated when they are tensors); use ``keep=False`` to hold none
         in memory.
         """
+        self.setup()
         self.training = False
-        self.model.eval()
+        self.module.eval()
         self.exception = None
         kept: list[Any] = []
         caller = self._events.get("on_predict_batch_end")
@@ -439,7 +495,7 @@ class _CoreSteps:
 
     @hookimpl(trylast=True)
     def forward(self, learner: Learner, batch: Any) -> Any:
-        return learner.model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        return learner.module(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
     @hookimpl(trylast=True)
     def get_target(self, learner: Learner, batch: Any) -> Any:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainloop.context import RunContext
 from trainloop.manager import PluginManager
 
 
@@ -19,9 +20,9 @@ class RunConfig:
         run_dir: the run folder (``config.json``, ``metrics.jsonl``, checkpoints, ...).
         recipe_path: the recipe file.
         recipe_config: the recipe's ``Config`` instance built from the options.
-        plugin_manager: register per-run plugin objects here.
-        is_main_process: whether this process writes files and prints (``False`` on
-            all but rank 0 of a distributed run).
+        plugin_manager: the run's one plugin manager: register per-run plugin objects
+            here (a Learner the recipe builds under the CLI uses it too).
+        context: the run context (device, rank, world size), shared with the learner.
         resumed_from: the checkpoint a ``--resume`` continues from, or ``None``.
         changed_options: ``{option: [old, new]}``: what a resume changes from the
             checkpoint's run (set in ``check_run``; recorded in ``config.json``).
@@ -32,9 +33,14 @@ class RunConfig:
     recipe_path: Path
     recipe_config: Any
     plugin_manager: PluginManager
-    is_main_process: bool = True
+    context: RunContext = field(default_factory=RunContext)
     resumed_from: Path | None = None
     changed_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this process writes files and prints: rank 0 of the run context."""
+        return self.context.is_main_process
 
     @property
     def recipe_name(self) -> str:
