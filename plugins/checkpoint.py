@@ -10,23 +10,26 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import enum
 import math
 import os
-import random
-import secrets
-import shutil
 import sys
 from collections.abc import Iterator
-from pathlib import Path, PurePath
-from typing import Any, BinaryIO
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from trainloop import Learner, RunConfig, UsageError, hookimpl
-from trainloop.monitor import Monitor, add_monitor_options
-from trainloop.run_folder import RunFileError, is_environment_error, write_error
+from trainloop.monitor import Monitor, add_monitor_options, monitored_value
+from trainloop.run_folder import (
+    RunFileError,
+    atomic_copy,
+    atomic_save,
+    copy_to_temp,
+    fsync_directory,
+)
+from trainloop.state import capture_rng_state, json_safe, set_rng_state
 
 FORMAT = "trainloop-checkpoint"
 VERSION = 1
@@ -136,13 +139,6 @@ class Checkpoint:
             process of a distributed run; it still resumes).
     """
 
-    def __new__(cls, *args: Any, every: int = 0, **kwargs: Any) -> Checkpoint:
-        # Per-batch checkpoints need an ``on_batch_end`` hook; only the subclass has one,
-        # so that a Checkpoint without ``every`` adds nothing to the per-batch path.
-        if cls is Checkpoint and every:
-            cls = _StepCheckpoint
-        return super().__new__(cls)
-
     def __init__(
         self,
         directory: str | Path | None = None,
@@ -170,6 +166,7 @@ class Checkpoint:
         self._epoch_rng: dict[str, Any] | None = None
         self._resume_rng: dict[str, Any] | None = None
         self._last_written: tuple[int, int, int] | None = None
+        self._per_batch: _EveryBatches | None = None
 
     # --- resume ------------------------------------------------------------------------
 
@@ -192,6 +189,9 @@ class Checkpoint:
             self.directory.mkdir(parents=True, exist_ok=True)
             for stale in self.directory.glob(".*.tmp"):  # left by a process killed mid-write
                 stale.unlink(missing_ok=True)
+            if self.every and self._per_batch is None:  # a per-batch hook only when asked
+                self._per_batch = _EveryBatches(self)
+                learner.add_plugin(self._per_batch, "checkpoint.every-batches")
         self.optimizer_start = optimizer_hyperparameters(learner.optimizer)
         if self.resume is not None:  # the first fit only: a later fit starts afresh
             self.read_resume()
@@ -223,7 +223,7 @@ class Checkpoint:
                 f"(changed: {shown}); resume with the values it was written with, or start a "
                 "fresh run"
             )
-        mismatch = _model_mismatch(unwrap_model(learner.model), checkpoint["model"])
+        mismatch = _model_mismatch(learner.model, checkpoint["model"])
         if mismatch:
             because = f" (changed: {shown})" if shown else ""
             raise UsageError(
@@ -239,7 +239,7 @@ class Checkpoint:
             )
         saved_batches, batches = checkpoint.get("train_batches"), _length(learner.train_data)
         stopped_after = int(checkpoint["learner"]["iteration"])
-        saved_world, world = int(checkpoint.get("world_size", 1)), world_size()
+        saved_world, world = int(checkpoint.get("world_size", 1)), learner.context.world_size
         if stopped_after and saved_world != world:
             raise UsageError(
                 f"{where}: it was written by {saved_world} process(es) in the middle of an "
@@ -272,7 +272,7 @@ class Checkpoint:
     def _restore(self, learner: Learner, checkpoint: dict[str, Any]) -> None:
         where = f"--resume {self.resume}"
         try:
-            unwrap_model(learner.model).load_state_dict(checkpoint["model"])
+            learner.model.load_state_dict(checkpoint["model"])
         except RuntimeError as error:
             raise UsageError(
                 f"{where}: its weights do not fit this model ({_one_line(error)}); "
@@ -336,20 +336,20 @@ class Checkpoint:
         return result
 
     def _write_epoch_end(self, learner: Learner) -> None:
-        state = learner.state_dict()
-        state["history"] = state["history"] + [{"epoch": learner.epoch, **learner.metrics}]
-        state.update(epoch=learner.epoch + 1, iteration=0, train_losses=torch.zeros(0))
-        state["train_sizes"] = []
+        state = learner.state_dict()  # the epoch counts as done
         plan = self._rank(learner)
         self._save(learner, state, LAST, epoch_rng=False)
         if plan is not None:
             self._apply_best(*plan, added=learner.epoch)
 
     def on_fit_end(self, learner: Learner) -> None:
+        if self._per_batch is not None:
+            learner.plugin_manager.unregister(self._per_batch)
+            self._per_batch = None
         # A clean early stop (Ctrl-C, should_stop, StopFit) is a resume point; after an
         # error the state may be half-updated, so the last good last.pt stays.
         if self.write and learner.exception is None:
-            state = self._state_now(learner)
+            state = learner.state_dict()
             if _resume_point(state) != self._last_written:
                 self._save(learner, state, LAST)
 
@@ -359,7 +359,7 @@ class Checkpoint:
             return None
         if not name or Path(name).name != name or name.startswith("."):
             raise ValueError(f"save_checkpoint(name={name!r}): give a plain file name stem")
-        state = self._state_now(learner)
+        state = learner.state_dict()
         last = self._dir(learner) / f"{LAST}.pt"
         if name != LAST and _resume_point(state) == self._last_written and last.exists():
             path = self._dir(learner) / f"{name}.pt"
@@ -394,14 +394,6 @@ class Checkpoint:
             self.directory = Path(learner.run_dir) / "checkpoints"
         return self.directory
 
-    def _state_now(self, learner: Learner) -> dict[str, Any]:
-        """The learner's state between batches, as a resume point."""
-        state = learner.state_dict()
-        history = state["history"]
-        if state["iteration"] == 0 and history and history[-1].get("epoch") == learner.epoch:
-            state["epoch"] += 1  # StopFit in on_epoch_end: the epoch is over and recorded
-        return state
-
     def _save(
         self, learner: Learner, state: dict[str, Any], name: str, epoch_rng: bool = True
     ) -> Path:
@@ -412,16 +404,16 @@ class Checkpoint:
         checkpoint: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
-            "model": unwrap_model(learner.model).state_dict(),
+            "model": learner.model.state_dict(),
             "optimizer": learner.optimizer.state_dict(),
             "learner": state,
             "rng": capture_rng_state(learner.train_data),
             "epoch_rng": self._epoch_rng if epoch_rng and state["iteration"] else None,
             "config": json_safe(config) if config is not None else None,
             "options": self.options,
-            "world_size": world_size(),
+            "world_size": learner.context.world_size,
             # Per process under torchrun, where the data is split while fit runs.
-            "train_batches": _length(learner.train_data) if world_size() == 1 else None,
+            "train_batches": _length(learner.train_data) if learner.context.world_size == 1 else None,
         }
         # The NaN guard checks here (tryfirst) and raises before anything is written.
         learner.hook.on_save_checkpoint(learner=learner, checkpoint=checkpoint)
@@ -469,7 +461,7 @@ class Checkpoint:
         directory = self.directory
         old = {epoch: _best_name(index, epoch) for index, (_, epoch) in enumerate(before)}
         new = {epoch: _best_name(index, epoch) for index, (_, epoch) in enumerate(after)}
-        temporary = _copy_to_temp(directory / f"{LAST}.pt", directory)
+        temporary = copy_to_temp(directory / f"{LAST}.pt", directory)
         try:
             for epoch, name in old.items():  # the former best moves to best-<epoch>.pt
                 if epoch in new and new[epoch] != name:
@@ -485,17 +477,16 @@ class Checkpoint:
         fsync_directory(directory)
 
 
-class _StepCheckpoint(Checkpoint):
-    """A :class:`Checkpoint` with ``every > 0``: it also writes ``last.pt`` every N batches."""
+class _EveryBatches:
+    """Writes ``last.pt`` every ``every`` training batches for a :class:`Checkpoint`."""
+
+    def __init__(self, owner: Checkpoint) -> None:
+        self.owner = owner
 
     @hookimpl(trylast=True)  # after the other plugins' per-batch updates
     def on_batch_end(self, learner: Learner) -> None:
-        if learner.training and self.write and (learner.step + 1) % self.every == 0:
-            state = learner.state_dict()
-            # The core counts this batch as done only once on_batch_end has returned.
-            state["iteration"] += 1
-            state["step"] += 1
-            self._save(learner, state, LAST)
+        if learner.training and (learner.step + 1) % self.owner.every == 0:
+            self.owner._save(learner, learner.state_dict(), LAST)  # this batch counts as done
 
 
 def _best_name(index: int, epoch: int) -> str:
@@ -511,19 +502,6 @@ def _same_file(a: Path | None, b: Path) -> bool:
         return a is not None and a.resolve() == b.resolve()
     except OSError:
         return False
-
-
-def monitored_value(monitor: Monitor, learner: Learner) -> float | None:
-    """The monitored value of this epoch, or ``None`` when it cannot exist.
-
-    A ``valid_*`` metric is absent when the learner has no validation data: that is
-    not an error (``best.pt`` and best-model tracking are simply off). Any other
-    absent metric is a :class:`~trainloop.UsageError` naming the metrics there are.
-    """
-    if monitor.metric not in learner.metrics and learner.valid_data is None:
-        if monitor.metric.startswith("valid_"):
-            return None
-    return monitor.value(learner.metrics)
 
 
 # --- what changed on a resume ----------------------------------------------------------
@@ -592,13 +570,6 @@ def _show(value: Any) -> str:
     if isinstance(value, list):
         return " ".join(map(str, value))
     return str(value)
-
-
-def world_size() -> int:
-    """How many processes train together: torch.distributed's world size, else 1."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
 
 
 def _length(data: Any) -> int | None:
@@ -690,202 +661,6 @@ def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     first = text[0] if text else type(error).__name__
     return first if len(first) <= 200 else first[:197] + "..."
-
-
-# --- RNG states --------------------------------------------------------------------------
-
-
-def capture_rng_state(data: Any = None) -> dict[str, Any]:
-    """Every RNG state a run draws from, in types ``torch.load(weights_only=True)`` reads.
-
-    Python's ``random``, NumPy's global generator, torch's CPU generator, the CUDA
-    generators (when CUDA is in use) and the ``generator`` of ``data`` (a DataLoader)
-    and of its sampler, if they have their own.
-    """
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "name": str(name),
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "position": int(position),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    generators = data_generators(data)
-    if generators:
-        state["data_generators"] = [generator.get_state() for generator in generators]
-    return state
-
-
-def set_rng_state(state: dict[str, Any], data: Any = None) -> None:
-    """Restore what :func:`capture_rng_state` returned (the parts it holds)."""
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "numpy" in state:
-        saved = state["numpy"]
-        keys = saved["keys"].numpy().astype(np.uint32)
-        np.random.set_state(
-            (saved["name"], keys, saved["position"], saved["has_gauss"], saved["cached_gaussian"])
-        )
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-    generators = data_generators(data)
-    saved_generators = state.get("data_generators") or []
-    if len(saved_generators) == len(generators):
-        for generator, generator_state in zip(generators, saved_generators):
-            generator.set_state(generator_state)
-
-
-def data_generators(data: Any) -> list[torch.Generator]:
-    """The distinct ``torch.Generator`` objects of a DataLoader, its sampler and batch sampler."""
-    found: list[torch.Generator] = []
-    if data is None:
-        return found
-    sampler = getattr(data, "sampler", None)
-    batch_sampler = getattr(data, "batch_sampler", None)
-    for owner in (data, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-            found.append(generator)
-    return found
-
-
-# --- files -----------------------------------------------------------------------------
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj, path)`` so that ``path`` is always a complete file.
-
-    The data goes to a temporary file in the same folder, which is flushed and fsynced
-    and then renamed over ``path`` (``os.replace`` is atomic); the folder is fsynced
-    last so that the rename survives a power cut. If anything fails, ``path`` keeps
-    its previous content and the temporary file is removed. A full disk or a missing
-    permission raises :class:`~trainloop.run_folder.RunFileError`, one line naming the
-    file and the cause.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary, file = _open_temp(path.name, path.parent)
-    except OSError as error:
-        raise _environment(error, path) from None
-    try:
-        with file:
-            try:
-                torch.save(obj, file)
-            except RuntimeError as error:  # torch's zip writer hides the OSError it hit
-                if isinstance(error.__context__, OSError):
-                    raise error.__context__ from None
-                raise
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise _environment(error, path) from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-
-
-def _environment(error: OSError, path: Path) -> OSError:
-    """A full disk or a permission problem as a one-line :class:`RunFileError`; else ``error``."""
-    return write_error(path, error) if is_environment_error(error) else error
-
-
-def atomic_copy(source: str | Path, destination: str | Path) -> None:
-    """Copy ``source`` to ``destination`` with the same guarantee as :func:`atomic_save`."""
-    destination = Path(destination)
-    temporary = _copy_to_temp(Path(source), destination.parent)
-    try:
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    fsync_directory(destination.parent)
-
-
-def _copy_to_temp(source: Path, directory: Path) -> Path:
-    temporary, file = _open_temp(source.name, directory)
-    try:
-        with file, open(source, "rb") as original:
-            shutil.copyfileobj(original, file, 1 << 20)
-            file.flush()
-            os.fsync(file.fileno())
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return temporary
-
-
-def _open_temp(name: str, directory: Path) -> tuple[Path, BinaryIO]:
-    """A new hidden ``.<name>.<random>.tmp`` in ``directory``, open for writing.
-
-    Not ``tempfile.mkstemp``: its files are private (mode 0600), these get the
-    permissions of the user's umask like any other file of the run.
-    """
-    while True:
-        temporary = directory / f".{name}.{secrets.token_hex(4)}.tmp"
-        try:
-            return temporary, open(temporary, "xb")
-        except FileExistsError:
-            continue
-
-
-def fsync_directory(directory: str | Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX; a no-op elsewhere)."""
-    if os.name != "posix":
-        return
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-# --- values ----------------------------------------------------------------------------
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside DataParallel, DistributedDataParallel and ``torch.compile``."""
-    while True:
-        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with JSON types only: paths become strings, tuples and sets lists, NumPy
-    and one-element tensor scalars numbers, anything else its ``str()``."""
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    if isinstance(value, PurePath):
-        return str(value)
-    if isinstance(value, enum.Enum):
-        return json_safe(value.value)
-    if isinstance(value, dict):
-        return {str(key): json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [json_safe(item) for item in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    return str(value)
 
 
 def _plain(record: dict[str, Any]) -> dict[str, Any]:

@@ -70,9 +70,10 @@ from typing import Any
 import torch
 
 from trainloop import Learner, RunConfig, hookimpl
-from trainloop.monitor import Monitor, add_monitor_options
-from trainloop.plugins.checkpoint import atomic_save, json_safe, monitored_value, unwrap_model
+from trainloop.monitor import Monitor, add_monitor_options, monitored_value
 from trainloop.recipe import config_from_dict
+from trainloop.run_folder import atomic_save
+from trainloop.state import json_safe
 
 FORMAT = "trainloop-model"
 VERSION = 1
@@ -166,7 +167,7 @@ class ModelSaver:
         if self.monitor is None or monitored_value(self.monitor, learner) is None:
             return
         if self.monitor.update(learner.metrics):
-            self._best_weights = _cpu_copy(unwrap_model(learner.model).state_dict())
+            self._best_weights = _cpu_copy(learner.model.state_dict())
             self.best_metrics = {"epoch": learner.epoch, **learner.metrics}
             self._best_step = learner.step
 
@@ -175,7 +176,7 @@ class ModelSaver:
             return
         if self._best_step == learner.step:
             return  # the model holds the best weights already (the last epoch was the best)
-        unwrap_model(learner.model).load_state_dict(self._best_weights)
+        learner.model.load_state_dict(self._best_weights)
         self._best_step = learner.step  # loaded once: a second predict keeps them
         if self.write:
             metric = self.monitor.metric
@@ -220,7 +221,7 @@ class ModelSaver:
         elif error is not None:
             return  # stopped mid-batch: the live weights may be half-way through a step
         else:
-            weights = _cpu_copy(unwrap_model(learner.model).state_dict())
+            weights = _cpu_copy(learner.model.state_dict())
             metrics = learner.history[-1] if learner.history else {}
         config = learner.config
         if dataclasses.is_dataclass(config) and not isinstance(config, type):
@@ -255,5 +256,5 @@ def rebuild(path: str | Path, recipe: str | Path | None = None) -> Learner:
         raise ValueError(f"{path} records no recipe: pass rebuild(path, recipe=...)")
     module = load_recipe(recipe)
     learner = module.build(config_from_dict(module.Config, saved.get("config") or {}))
-    unwrap_model(learner.model).load_state_dict(saved["model"])
+    learner.model.load_state_dict(saved["model"])
     return learner

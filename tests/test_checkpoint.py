@@ -13,15 +13,9 @@ from conftest import make_data, make_learner
 
 from trainloop import Learner, UsageError, cli
 from trainloop.monitor import Monitor
-from trainloop.plugins import checkpoint as checkpoint_module
-from trainloop.plugins.checkpoint import (
-    Checkpoint,
-    atomic_save,
-    capture_rng_state,
-    json_safe,
-    read_checkpoint,
-    set_rng_state,
-)
+from trainloop.plugins.checkpoint import Checkpoint, read_checkpoint
+from trainloop.run_folder import atomic_save
+from trainloop.state import capture_rng_state, json_safe, set_rng_state
 
 BATCHES = len(make_data())  # 4 batches of 16 out of 50 samples
 
@@ -89,14 +83,20 @@ def test_last_pt_is_written_at_each_epoch_end_only_by_default(tmp_path: Path) ->
     watcher = Watcher(tmp_path)
     make_learner([Checkpoint(tmp_path), watcher]).fit(3)
     assert watcher.seen == [(1, 0, 4), (2, 0, 8), (3, 0, 12)]
-    assert not hasattr(Checkpoint(tmp_path), "on_batch_end")  # nothing per batch
+
+    class PerBatchHooks:
+        def on_train_begin(self, learner):
+            owners = [impl.plugin_name for impl in learner.hook.on_batch_end.get_hookimpls()]
+            watcher.per_batch = [name for name in owners if "checkpoint" in name.lower()]
+
+    make_learner([Checkpoint(tmp_path / "again"), watcher, PerBatchHooks()]).fit(1)
+    assert watcher.per_batch == []  # nothing per batch
 
 
 def test_checkpoint_every_n_batches_writes_mid_epoch_resume_points(tmp_path: Path) -> None:
     watcher = Watcher(tmp_path)
     plugin = Checkpoint(tmp_path, every=3)
     make_learner([plugin, watcher]).fit(2)
-    assert isinstance(plugin, Checkpoint) and hasattr(plugin, "on_batch_end")
     # (epoch, batches of it done, steps): after steps 3 and 6, and at both epoch ends
     assert watcher.seen == [(0, 3, 3), (1, 0, 4), (1, 2, 6), (2, 0, 8)]
     mid_epoch = Checkpoint(tmp_path, every=3)
@@ -250,7 +250,7 @@ def test_atomic_save_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypat
         file.write(b"PK\x03\x04 half a zip")
         raise KeyboardInterrupt  # what a kill looks like from inside the process
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", save_half_then_die)
+    monkeypatch.setattr(torch, "save", save_half_then_die)
     with pytest.raises(KeyboardInterrupt):
         atomic_save({"generation": 2}, path)
     assert _load(path) == {"generation": 1}

@@ -133,6 +133,7 @@ class Learner:
         self.exception: BaseException | None = None
         self.should_stop = False  # set it from a plugin to end fit after the current batch
         self._train_losses: list[tuple[torch.Tensor, int]] = []
+        self._ending: str | None = None  # the level whose end event is firing
 
         self.plugin_manager = plugin_manager or (run[1] if run else PluginManager())
         self.hook = self.plugin_manager.hook
@@ -188,9 +189,11 @@ class Learner:
             body()
         except cancel:
             pass
+        self._ending = event  # for state_dict: the batch or epoch counts as done now
         try:
             self._fire(end)
         finally:
+            self._ending = None
             if final is not None:
                 final()
 
@@ -436,13 +439,30 @@ class Learner:
     # --- state for checkpoints ---------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The loop's own state: counters, history and the epoch's partial train loss."""
+        """The loop's own state as a point to resume from: where ``fit`` would go on.
+
+        Counters, history and the epoch's partial train loss. Called from
+        ``on_batch_end`` of a training batch, that batch counts as done; from
+        ``on_epoch_end``, the epoch counts as done (its record is in ``history``); once
+        ``fit`` stopped after recording an epoch, the next epoch is where it goes on.
+        So a plugin can save a resume point from any event without knowing how the
+        loop counts.
+        """
+        epoch, iteration, step = self.epoch, self.iteration, self.step
+        history = list(self.history)
         losses = self._train_losses
+        if self._ending == "batch" and self.training:
+            iteration, step = iteration + 1, step + 1
+        elif self._ending == "epoch":
+            history.append({"epoch": epoch, **self.metrics})
+            epoch, iteration, losses = epoch + 1, 0, []
+        elif iteration == 0 and history and history[-1].get("epoch") == epoch:
+            epoch += 1  # stopped in on_epoch_end: that epoch is over and recorded
         return {
-            "epoch": self.epoch,
-            "iteration": self.iteration,
-            "step": self.step,
-            "history": list(self.history),
+            "epoch": epoch,
+            "iteration": iteration,
+            "step": step,
+            "history": history,
             "train_losses": torch.stack([loss.float() for loss, _ in losses]).cpu()
             if losses
             else torch.zeros(0),

@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from trainloop.errors import UsageError
+
+if TYPE_CHECKING:
+    from trainloop.learner import Learner
 
 _HIGHER_IS_BETTER = ("accuracy", "dice", "iou", "f1", "precision", "recall", "auc", "score")
 
@@ -91,3 +95,16 @@ class Monitor:
     def load_state_dict(self, state: dict[str, float | None]) -> None:
         """Restore the best value so far."""
         self.best = state["best"]
+
+
+def monitored_value(monitor: Monitor, learner: Learner) -> float | None:
+    """The monitored value of this epoch, or ``None`` when it cannot exist.
+
+    A ``valid_*`` metric is absent when the learner has no validation data: that is
+    not an error (``best.pt`` and best-model tracking are simply off). Any other
+    absent metric is a :class:`~trainloop.UsageError` naming the metrics there are.
+    """
+    if monitor.metric not in learner.metrics and learner.valid_data is None:
+        if monitor.metric.startswith("valid_"):
+            return None
+    return monitor.value(learner.metrics)

@@ -6,12 +6,13 @@ import datetime
 import errno
 import json
 import os
+import secrets
 import shutil
 import socket
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from trainloop.errors import UsageError
 
@@ -225,3 +226,101 @@ def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
                 torn = "" if line.endswith("\n") else ", cut off"
                 skipped.append(f"{path}: line {number} is not a JSON record{torn}: skipped")
     return records, skipped
+
+
+# --- writing whole files ---------------------------------------------------------------
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` so that ``path`` is always a complete file.
+
+    The data goes to a temporary file in the same folder, which is flushed and fsynced
+    and then renamed over ``path`` (``os.replace`` is atomic); the folder is fsynced
+    last so that the rename survives a power cut. If anything fails, ``path`` keeps
+    its previous content and the temporary file is removed. A full disk or a missing
+    permission raises :class:`~trainloop.run_folder.RunFileError`, one line naming the
+    file and the cause.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary, file = _open_temp(path.name, path.parent)
+    except OSError as error:
+        raise _environment(error, path) from None
+    import torch  # here: the command line reads run folders without waiting for torch
+
+    try:
+        with file:
+            try:
+                torch.save(obj, file)
+            except RuntimeError as error:  # torch's zip writer hides the OSError it hit
+                if isinstance(error.__context__, OSError):
+                    raise error.__context__ from None
+                raise
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise _environment(error, path) from None
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def _environment(error: OSError, path: Path) -> OSError:
+    """A full disk or a permission problem as a one-line :class:`RunFileError`; else ``error``."""
+    return write_error(path, error) if is_environment_error(error) else error
+
+
+def atomic_copy(source: str | Path, destination: str | Path) -> None:
+    """Copy ``source`` to ``destination`` with the same guarantee as :func:`atomic_save`."""
+    destination = Path(destination)
+    temporary = copy_to_temp(Path(source), destination.parent)
+    try:
+        os.replace(temporary, destination)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    fsync_directory(destination.parent)
+
+
+def copy_to_temp(source: Path, directory: Path) -> Path:
+    """A complete, fsynced copy of ``source`` under a hidden temporary name in ``directory``:
+    rename it to its final name with ``os.replace``."""
+    temporary, file = _open_temp(source.name, directory)
+    try:
+        with file, open(source, "rb") as original:
+            shutil.copyfileobj(original, file, 1 << 20)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def _open_temp(name: str, directory: Path) -> tuple[Path, BinaryIO]:
+    """A new hidden ``.<name>.<random>.tmp`` in ``directory``, open for writing.
+
+    Not ``tempfile.mkstemp``: its files are private (mode 0600), these get the
+    permissions of the user's umask like any other file of the run.
+    """
+    while True:
+        temporary = directory / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return temporary, open(temporary, "xb")
+        except FileExistsError:
+            continue
+
+
+def fsync_directory(directory: str | Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX; a no-op elsewhere)."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
