@@ -167,13 +167,6 @@ class LRScheduler:
         scheduler: the scheduler of the current (or last) ``fit``, or ``None``.
     """
 
-    def __new__(cls, factory: Factory, interval: str = "epoch", monitor: Any = None):
-        # Only a per-batch schedule implements the per-batch hook on_step_end, so a
-        # per-epoch one adds nothing to the batch loop.
-        if cls is LRScheduler and interval == "batch":
-            cls = _PerBatchLRScheduler
-        return super().__new__(cls)
-
     def __init__(
         self, factory: Factory, interval: str = "epoch", monitor: Monitor | str | None = None
     ) -> None:
@@ -188,6 +181,7 @@ class LRScheduler:
         self._pending_state: dict[str, Any] | None = None
         self._epoch_lr: float | None = None
         self._resumed_epoch_lr: float | None = None  # of an epoch resumed in its middle
+        self._stepper: _StepEveryBatch | None = None
 
     # --- fit ---------------------------------------------------------------------------
 
@@ -201,9 +195,15 @@ class LRScheduler:
         if self._pending_state is not None:
             self.scheduler.load_state_dict(self._pending_state)
             self._pending_state = None
+        if self._per_batch:  # a per-batch hook only for a per-batch schedule
+            self._stepper = _StepEveryBatch(self.scheduler)
+            learner.add_plugin(self._stepper, "lr_scheduler.every-batch")
 
     def on_fit_end(self, learner: Learner) -> None:
         self._fitting = False
+        if self._stepper is not None:
+            learner.plugin_manager.unregister(self._stepper)
+            self._stepper = None
 
     def on_epoch_begin(self, learner: Learner) -> None:
         self._epoch_lr = learner.optimizer.param_groups[0]["lr"]
@@ -285,12 +285,14 @@ class LRScheduler:
         return scheduler
 
 
-class _PerBatchLRScheduler(LRScheduler):
-    """An :class:`LRScheduler` with ``interval="batch"``: stepped after each optimizer step."""
+class _StepEveryBatch:
+    """Steps a per-batch schedule after each optimizer step, for an :class:`LRScheduler`."""
 
-    def on_step_end(self, learner: Learner) -> None:
-        if self._per_batch:  # False for a named schedule that fell back to per epoch
-            self.scheduler.step()
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def on_step_end(self) -> None:
+        self.scheduler.step()
 
 
 class NamedSchedule:

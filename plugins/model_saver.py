@@ -1,62 +1,6 @@
-"""model_saver: the trained model in ``model.pt`` in the run folder, with what rebuilds it.
+"""model_saver: the model's weights as ``model.pt`` (best or last epoch), and rebuilding a model from it.
 
-At the end of ``fit`` it writes ``RUN_DIR/model.pt``, a dict that loads with
-``torch.load(path, weights_only=True)``:
-
-==============  =====================================================================
-``model``       the weights (``state_dict()`` of the bare model, on the CPU): those
-                of the best epoch by ``--monitor`` / ``--mode``, or the final ones
-                when there is no monitored metric (no validation data for the
-                default ``valid_loss``)
-``config``      ``dataclasses.asdict`` of the recipe's ``Config``, with JSON types
-                (paths are strings, tuples lists), or ``None``
-``recipe``      the recipe file the run used, or ``None``
-``metrics``     the metrics of the epoch those weights come from (``epoch`` counted
-                from 0, as in ``metrics.jsonl``), or ``{}`` if no epoch finished
-``format``      ``"trainloop-model"``; ``version``: 1
-==============  =====================================================================
-
-The best weights are kept as a CPU copy in memory, taken at each epoch end where the
-monitored metric improves (one device-to-host copy per improvement, nothing per
-batch). They travel in checkpoints under ``model_saver`` (only when they differ from
-the checkpoint's own ``model``), so a resumed run still saves the best epoch of the
-whole run.
-
-When it writes: when ``fit`` ends normally or is stopped cleanly (early stopping,
-Ctrl-C once). After a second Ctrl-C (``KeyboardInterrupt`` mid-batch) it writes only
-the best weights, which are a clean copy from an epoch end, and nothing if there are
-none (the live weights may be half-way through an optimizer step). After any other
-error (a non-finite loss, a crash) it writes nothing: those weights are not to be
-trusted, and the last checkpoints still hold the last good state. The write is atomic
-(temporary file, fsync, rename).
-
-Rebuild the model elsewhere::
-
-    import torch
-    from trainloop.plugins.model_saver import rebuild
-
-    learner = rebuild("runs/mnist_mlp/20250101-120000/model.pt")  # imports the recipe,
-    learner.model.eval()                                            # builds, loads weights
-
-or by hand::
-
-    saved = torch.load("model.pt", weights_only=True)
-    recipe = trainloop.recipe.load_recipe(saved["recipe"])
-    cfg = config_from_dict(recipe.Config, saved["config"])   # or recipe.Config(**saved["config"])
-    learner = recipe.build(cfg)
-    learner.model.load_state_dict(saved["model"])
-
-``build`` loads the recipe's data too (MNIST needs its ``--data-dir``); to avoid that,
-construct the model class of the recipe yourself and load ``saved["model"]`` into it.
-
-Options (group ``model_saver``): ``--no-save-model`` turns it off; ``--monitor`` and
-``--mode`` (shared with the checkpoint and early stopping plugins) choose the best
-epoch. Python API::
-
-    from trainloop.monitor import Monitor
-    from trainloop.plugins.model_saver import ModelSaver
-
-    Learner(..., plugins=[ModelSaver("out/model.pt", monitor=Monitor("valid_accuracy"))])
+See docs/plugins/model_saver.md.
 """
 
 from __future__ import annotations

@@ -1,41 +1,6 @@
-"""nan_guard: a non-finite training loss stops the run, before it corrupts anything saved.
+"""nan_guard: stop a run whose loss is NaN or infinite, with one clear line.
 
-On by default; ``--no-nan-guard`` turns it off (and registers nothing). When a
-training batch's loss is NaN or infinite, ``fit`` ends with
-:class:`~trainloop.TrainingError` and one line naming the epoch and the batch, both
-counted from 1 (the progress bar's numbering; ``metrics.jsonl`` counts epochs from
-0)::
-
-    trainloop: error: training loss is nan at epoch 3, batch 17 (both counted from 1); ...
-
-The command line exits with status 1. Because ``fit`` ends with an error, the
-checkpoint plugin leaves the last good ``last.pt`` and ``best.pt`` as they are and
-``model_saver`` writes no ``model.pt``.
-
-When the check happens, and the trade-off:
-
-* Loss on the CPU: every batch, in ``on_backward_end`` (``tryfirst``), before the
-  optimizer steps. Reading a CPU tensor's value costs no device sync, so the weights
-  in memory are never touched by a bad batch.
-* Loss on an accelerator (CUDA, MPS, ...): reading the value every batch would make
-  the host wait for the device every batch. Instead each batch adds
-  ``torch.isfinite(loss)`` (a flag that stays on the device) to a list, and the flags
-  are read at the end of the epoch (``on_epoch_end``, ``tryfirst``), before any
-  checkpoint is written (``on_save_checkpoint``, ``tryfirst``: it raises before the
-  file is opened), and when ``fit`` ends. The run still stops and nothing corrupt is
-  saved, but the optimizer may have stepped with the bad batch and the ones after it
-  until the check: the weights in memory are then not to be used. ``NanGuard(every_batch=True)``
-  checks every batch on any device, at the cost of one sync per batch.
-
-The guard checks the training loss only, not gradients or validation values. With
-mixed precision (float16) a grad scaler skips steps with infinite *gradients* by
-itself; a non-finite *loss* is a real divergence and stops the run here too.
-
-Python API::
-
-    from trainloop.plugins.nan_guard import NanGuard
-
-    Learner(..., plugins=[NanGuard()])
+See docs/plugins/nan_guard.md.
 """
 
 from __future__ import annotations
