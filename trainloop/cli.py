@@ -193,8 +193,16 @@ def list_plugins(argv: list[str]) -> int:
         allow_abbrev=False,
     )
     _add_selection_options(parser)
+    parser.add_argument(
+        "--order",
+        action="store_true",
+        help="for each hook, its implementations in the order they are called, with the "
+        "marker that placed each",
+    )
     selection = parser.parse_args(argv)
     manager = load_plugins(selection.plugins, strict=selection.strict_plugins)
+    if selection.order:
+        return _print_order(manager)
     table = Table("plugin", "origin", "hooks", title="trainloop plugins")
     for name, plugin in manager.list_name_plugin():
         if plugin is None:
@@ -206,6 +214,21 @@ def list_plugins(argv: list[str]) -> int:
         origin = f"entry point ({failure.distribution} {failure.version})"
         table.add_row(failure.name, origin, reason)
     Console(width=max(120, Console().width)).print(table)
+    return 0
+
+
+def _print_order(manager: PluginManager) -> int:
+    """``trainloop plugins --order``: each hook's implementations in call order."""
+    from trainloop.learner import _CoreSteps  # the core's default steps run last
+
+    manager.register(_CoreSteps(), "core", origin="core")
+    for hook in manager.hook_names():
+        order = manager.call_order(hook)
+        if not order:
+            continue
+        print(f"{hook}:")
+        for position, (name, marker) in enumerate(order, start=1):
+            print(f"  {position}. {name}" + (f"  [{marker}]" if marker else ""))
     return 0
 
 

@@ -32,8 +32,40 @@ _PLAIN_IMPL = {  # what an unmarked ``on_*`` function is: a plain hook implement
 }
 
 
+BUILTIN_PLUGINS = (
+    "checkpoint",
+    "device",
+    "distributed",
+    "early_stopping",
+    "grad_accumulation",
+    "grad_clip",
+    "interrupt",
+    "lr_scheduler",
+    "metrics_jsonl",
+    "model_saver",
+    "nan_guard",
+    "precision",
+    "predictions",
+    "progress",
+    "summary",
+    "tensorboard",
+)
+"""The built-in plugins in the order they register (like pytest's ``default_plugins``).
+
+Where two implementations of a hook carry the same marker, pluggy calls the one
+registered later first; this declared order, not the modules' file names, decides it.
+``trainloop plugins --order`` shows the result for every hook.
+"""
+
+
 def builtin_plugin_names() -> list[str]:
-    """Names of the built-in plugins: the modules of ``trainloop.plugins``, sorted."""
+    """Names of the built-in plugins, in their declared order (:data:`BUILTIN_PLUGINS`)."""
+    return list(BUILTIN_PLUGINS)
+
+
+def builtin_plugin_modules() -> list[str]:
+    """Names of the modules in ``trainloop.plugins``, sorted (a test checks they are all
+    declared in :data:`BUILTIN_PLUGINS`)."""
     import trainloop.plugins
 
     return sorted(
@@ -251,6 +283,43 @@ class PluginManager(pluggy.PluginManager):
                 if cls.__module__ == plugin.__name__:
                     names.update(_hooks_of_class(self, cls))
         return sorted(names)
+
+    def call_order(self, hook_name: str) -> list[tuple[str, str]]:
+        """The implementations of ``hook_name`` in the order pluggy calls them, each as
+        ``(plugin name, marker)``; the marker is ``wrapper``, ``tryfirst``, ``trylast``
+        or ``""``. Plugin classes that a module defines (registered per run, in
+        ``configure``) are listed after their module's name as ``module:Class``."""
+        entries = []  # (rank, registration index, name, marker)
+        for index, (name, plugin) in enumerate(self.list_name_plugin()):
+            if plugin is None:
+                continue
+            candidates = [(name, getattr(plugin, hook_name, None))]
+            if isinstance(plugin, ModuleType):
+                for class_name, cls in inspect.getmembers(plugin, inspect.isclass):
+                    if cls.__module__ == plugin.__name__ and hook_name in vars(cls):
+                        candidates.append((f"{name}:{class_name}", vars(cls)[hook_name]))
+            for label, function in candidates:
+                if function is None or not inspect.isroutine(function):
+                    continue
+                opts = getattr(function, f"{hookspecs.PROJECT}_impl", None)
+                if opts is None and not hook_name.startswith("on_"):
+                    continue
+                opts = opts or {}
+                marker = next(
+                    (
+                        key
+                        for key in ("wrapper", "hookwrapper", "tryfirst", "trylast")
+                        if opts.get(key)
+                    ),
+                    "",
+                )
+                if marker == "hookwrapper":
+                    marker = "wrapper"
+                if marker == "wrapper" and opts.get("tryfirst"):
+                    marker = "wrapper, tryfirst"
+                rank = {"wrapper, tryfirst": 0, "wrapper": 1, "tryfirst": 2, "": 3, "trylast": 4}
+                entries.append((rank[marker], -index, label, marker))
+        return [(label, marker) for _, _, label, marker in sorted(entries)]
 
     def describe_exception(self, error: BaseException) -> str | None:
         """Say which plugin and hook raised ``error``, from its traceback, or ``None``."""
