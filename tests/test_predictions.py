@@ -196,7 +196,7 @@ def test_a_process_that_does_not_write_creates_no_file(tmp_path):
 
 def test_under_the_cli_only_the_main_process_writes(tmp_path):
     config = RunConfig(argparse.Namespace(), tmp_path, Path("r.py"), None, PluginManager())
-    config.is_main_process = False  # as the distributed plugin sets it on ranks above 0
+    config.context.rank, config.context.world_size = 1, 2  # a process above rank 0
     predictions.configure(config)
     try:
         writer = PredictionWriter(tmp_path / "s.csv.gz", [("a.jpg", (2, 1))])

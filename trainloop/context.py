@@ -56,7 +56,7 @@ class RunContext:
 
     @property
     def device_type(self) -> str:
-        """``"cuda"``, ``"mps"`` or ``"cpu"``: the kind of :attr:`device`."""
+        """``"cuda"``, ``"mps"`` or ``"cpu"``: the kind of ``device``."""
         return "cpu" if self.device is None else self.device.type
 
     @classmethod

@@ -163,7 +163,7 @@ def unconfigure(config: RunConfig) -> None:
     """The run is over (whatever happened); release what :func:`configure` set up."""
 
 
-# --- Set-up: the model and the data, before the loop needs them ----------------------
+# --- Setup: the model and the data, before the loop needs them -----------------------
 #
 # The learner runs these in this declared order, before ``on_fit_begin`` (and before
 # ``validate`` or ``predict`` when ``fit`` has not run), once per model::

@@ -98,6 +98,6 @@ def test_csv_path_option_chooses_the_file(tmp_path):
 
 def test_processes_that_do_not_write_files_register_no_writer(tmp_path):
     config = run_config(tmp_path, [])
-    config.is_main_process = False
+    config.context.rank = 1  # a process other than the first of a distributed run
     configure(config)
     assert config.plugin_manager.get_plugin("csvlogger.writer") is None
