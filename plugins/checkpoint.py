@@ -413,7 +413,9 @@ class Checkpoint:
             "options": self.options,
             "world_size": learner.context.world_size,
             # Per process under torchrun, where the data is split while fit runs.
-            "train_batches": _length(learner.train_data) if learner.context.world_size == 1 else None,
+            "train_batches": _length(learner.train_data)
+            if learner.context.world_size == 1
+            else None,
         }
         # The NaN guard checks here (tryfirst) and raises before anything is written.
         learner.hook.on_save_checkpoint(learner=learner, checkpoint=checkpoint)

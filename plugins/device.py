@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from trainloop import Learner, RunConfig, UsageError, hookimpl
-from trainloop.context import RunContext
+from trainloop.context import RunContext, gpu_of_local_rank
 
 
 @hookimpl
@@ -65,14 +65,8 @@ def resolve_device(
     :class:`~trainloop.UsageError`, naming ``--device``, for a value that is not a
     device or a device this machine does not have.
     """
-    if local_rank is not None and str(name) in ("auto", "cuda") and torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        if local_rank >= count:
-            raise UsageError(
-                f"--device {name}: local rank {local_rank} has no GPU of its own ({count} "
-                f"visible); start at most {count} processes per machine, or use --device cpu"
-            )
-        return torch.device("cuda", local_rank)
+    if local_rank is not None and (gpu := gpu_of_local_rank(str(name), local_rank)) is not None:
+        return gpu
     if str(name) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())

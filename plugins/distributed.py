@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
 
 from trainloop import Learner, RunConfig, UsageError, hookimpl
-from trainloop.context import LAUNCH_VARIABLES, RunContext
+from trainloop.context import LAUNCH_VARIABLES, RunContext, gpu_of_local_rank
 from trainloop.data.seeding import SeededSampler
 from trainloop.data.tensors import TensorBatches
 from trainloop.run_folder import new_run_dir
@@ -95,15 +95,9 @@ def local_device(requested: str = "auto") -> torch.device:
     ``requested`` is the ``--device`` value: ``auto`` and ``cuda`` mean one GPU per
     local rank; any other value (``cpu``, ``cuda:1``) is kept as it is.
     """
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if requested in ("auto", "cuda") and torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        if local_rank >= count:
-            raise UsageError(
-                f"distributed: local rank {local_rank} has no GPU of its own ({count} visible); "
-                f"start at most {count} processes per node, or use --device cpu"
-            )
-        return torch.device("cuda", local_rank)
+    gpu = gpu_of_local_rank(requested, int(os.environ.get("LOCAL_RANK", 0)))
+    if gpu is not None:
+        return gpu
     if requested in ("auto", "cuda"):
         return torch.device("cpu")
     return torch.device(requested)

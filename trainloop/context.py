@@ -116,3 +116,25 @@ def pin_memory_default() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def gpu_of_local_rank(requested: str, local_rank: int) -> torch.device | None:
+    """``cuda:LOCAL_RANK`` for ``--device auto`` or ``cuda`` when CUDA is available: one
+    GPU per process of a machine; ``None`` for any other request or without CUDA.
+
+    Raises :class:`~trainloop.UsageError` when this machine has fewer GPUs than the
+    local rank needs.
+    """
+    import torch
+
+    if str(requested) not in ("auto", "cuda") or not torch.cuda.is_available():
+        return None
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        from trainloop.errors import UsageError
+
+        raise UsageError(
+            f"--device {requested}: local rank {local_rank} has no GPU of its own ({count} "
+            f"visible); start at most {count} processes per machine, or use --device cpu"
+        )
+    return torch.device("cuda", local_rank)
