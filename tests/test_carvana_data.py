@@ -13,21 +13,13 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from trainloop.data.carvana import (
-    CarvanaDataset,
-    SharedGridAffine,
-    check_layout,
-    check_size,
-    ensure_data,
-    fetch_kaggle,
-    generate_dataset,
-    kaggle_file_names,
-    make_loader,
-    split_by_car,
-    unpack,
-)
 from trainloop.errors import UsageError
-from trainloop.rle import rle_decode
+from trainloop.tasks.carvana.dataset import CarvanaDataset, SharedGridAffine, make_loader
+from trainloop.tasks.carvana.files import check_layout, fetch_kaggle, kaggle_file_names, unpack
+from trainloop.tasks.carvana.rle import rle_decode
+from trainloop.tasks.carvana.split import split_by_car, train_valid_ids, varied_order
+from trainloop.tasks.carvana.synthetic import ensure_data, generate_dataset
+from trainloop.tasks.carvana.unet import check_size
 
 # torchvision 0.29 deprecates its JPEG decoder in favour of TorchCodec; it still works.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
@@ -385,6 +377,23 @@ def test_split_rejects_a_valid_size_that_leaves_no_training_car():
 # The dataset
 
 
+def test_validation_photos_are_ordered_so_the_first_show_different_cars_and_sides():
+    ids = [f"car{car}_{view:02d}" for car in "abcd" for view in range(1, 17)]
+    ordered = varied_order(ids)
+    assert sorted(ordered) == ids
+    assert ordered[:4] == ["cara_01", "carb_06", "carc_11", "card_16"]
+
+
+def test_the_recipes_split_reads_valid_size_as_a_fraction_or_a_number_of_images():
+    ids = image_ids(5)
+    train_ids, valid_ids = train_valid_ids(ids, 0.4, seed=0)  # 2 of the 5 cars
+    assert (train_ids, sorted(valid_ids)) == split_by_car(ids, 0.4, seed=0)
+    assert valid_ids == varied_order(valid_ids) != sorted(valid_ids)  # pictured first
+    train_ids, valid_ids = train_valid_ids(ids, 16.0, seed=0)  # 16 images: one car
+    assert (train_ids, sorted(valid_ids)) == split_by_car(ids, 16, seed=0)
+    assert (len(train_ids), len(valid_ids)) == (64, 16)
+
+
 def write_sample(
     input_dir: Path, image: np.ndarray, mask: np.ndarray, image_id: str = "abc_01"
 ) -> None:
@@ -557,7 +566,7 @@ def test_float_images_turns_uint8_batches_into_the_float32_dataset_values(genera
     import functools
 
     from trainloop import Learner
-    from trainloop.data.carvana import FloatImages
+    from trainloop.tasks.carvana.dataset import FloatImages
 
     ids = check_layout(generated).train_ids[:4]
     as_float = CarvanaDataset(generated, ids, size=(96, 64))
