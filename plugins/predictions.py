@@ -9,10 +9,12 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trainloop import Learner
 from trainloop.context import run_context
+
+if TYPE_CHECKING:
+    from trainloop import Learner
 
 PARTIAL_SUFFIX = ".partial"
 

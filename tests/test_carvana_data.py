@@ -14,8 +14,14 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from trainloop.errors import UsageError
-from trainloop.tasks.carvana.dataset import CarvanaDataset, SharedGridAffine, make_loader
+from trainloop.tasks.carvana.dataset import (
+    CarvanaDataset,
+    SharedGridAffine,
+    make_loader,
+    training_loaders,
+)
 from trainloop.tasks.carvana.files import check_layout, fetch_kaggle, kaggle_file_names, unpack
+from trainloop.tasks.carvana.prepare import prepare_input
 from trainloop.tasks.carvana.rle import rle_decode
 from trainloop.tasks.carvana.split import split_by_car, train_valid_ids, varied_order
 from trainloop.tasks.carvana.synthetic import ensure_data, generate_dataset
@@ -260,6 +266,24 @@ def test_unpack_turns_kaggle_zips_into_the_layout_and_is_idempotent(generated, t
     (tmp_path / "input" / "train" / f"{layout.train_ids[0]}.jpg").write_bytes(b"partial")
     assert unpack(tmp_path / "input") == ["train.zip"]
     check_layout(tmp_path / "input", decode=True)
+
+
+def test_prepare_input_generates_or_unpacks_and_says_which(generated, tmp_path):
+    message = prepare_input(tmp_path / "new", generate=True, cars=1, test_cars=1, size=(32, 16))
+    assert message == (
+        f"no Carvana data in {tmp_path / 'new'}: generated a synthetic set there "
+        f"(1 training and 1 test cars, 32x16 photos)"
+    )
+    assert len(check_layout(tmp_path / "new").train_ids) == 16
+    assert prepare_input(tmp_path / "new", generate=True) is None  # ready as it is
+    assert prepare_input(tmp_path / "empty", generate=False) is None  # not asked to generate
+    assert not (tmp_path / "empty").exists()
+    kaggle_zips(generated, tmp_path / "zipped")
+    message = prepare_input(tmp_path / "zipped", generate=True)  # data there: no generating
+    assert message.startswith("unpacked train.zip, ") and message.endswith(
+        f" in {tmp_path / 'zipped'}"
+    )
+    assert check_layout(tmp_path / "zipped").train_ids == check_layout(generated).train_ids
 
 
 def test_unpack_puts_the_hq_photos_in_train_and_test(generated, tmp_path):
@@ -539,6 +563,22 @@ def test_loader_batches_images_and_masks_with_workers(generated):
     images, masks = next(iter(make_loader(dataset, batch_size=4, shuffle=True, workers=2)))
     assert images.shape == (4, 3, 16, 32)
     assert masks.shape == (4, 1, 16, 32)
+
+
+def test_training_loaders_give_uint8_batches_shuffled_for_training_only(generated):
+    ids = check_layout(generated).train_ids
+    train_data, valid_data = training_loaders(
+        generated, ids[:16], ids[16:24], (32, 16), batch_size=8, augment=False
+    )
+    images, masks = next(iter(train_data))
+    assert (images.dtype, masks.dtype) == (torch.uint8, torch.uint8)
+    assert images.shape == (8, 3, 16, 32) and masks.shape == (8, 1, 16, 32)
+    in_order = CarvanaDataset(generated, ids[:16], (32, 16), dtype=torch.uint8)
+    assert not torch.equal(images, torch.stack([in_order[i][0] for i in range(8)]))
+    valid_images, _ = next(iter(valid_data))
+    valid_set = CarvanaDataset(generated, ids[16:24], (32, 16), dtype=torch.uint8)
+    assert torch.equal(valid_images, torch.stack([valid_set[i][0] for i in range(8)]))
+    assert training_loaders(generated, ids, [], (32, 16), batch_size=8)[1] is None
 
 
 def test_check_size_names_the_nearest_valid_sizes():
