@@ -11,8 +11,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainloop.context import run_context
-
 if TYPE_CHECKING:
     from trainloop import Learner
 
@@ -33,7 +31,7 @@ class PredictionWriter:
         keys: the first column of each row, by index: row ``i`` is item ``i``'s, and
             every item gets exactly one row.
         write: whether this process writes; ``None``: the run's main process only
-            (``trainloop.context.run_context().is_main_process``).
+            (``learner.context.is_main_process``).
         compresslevel: gzip's level, 1 (fast) to 9 (small); 6 is gzip's own default.
 
     Attributes:
@@ -80,7 +78,7 @@ class PredictionWriter:
     # --- predict -----------------------------------------------------------------------
 
     def on_predict_begin(self, learner: Learner) -> None:
-        self._writes = run_context().is_main_process if self.write is None else self.write
+        self._writes = learner.context.is_main_process if self.write is None else self.write
         self.count = 0
         self._pending = {}
         if not self._writes:

@@ -218,7 +218,7 @@ def build(cfg: Config) -> Learner:
 
 def predict(learner: Learner, cfg: Config) -> None:
     """Predict every test photo into ``RUN_DIR/submit.csv.gz``, one row at a time."""
-    if not cfg.predict or not run_context().is_main_process:
+    if not cfg.predict or not learner.context.is_main_process:
         return
     test_set = CarvanaDataset(
         cfg.input_dir, size=tuple(cfg.image_size), split="test", dtype=torch.uint8
@@ -235,4 +235,4 @@ def predict(learner: Learner, cfg: Config) -> None:
     finally:
         for plugin in added:
             learner.plugin_manager.unregister(plugin)
-    _say(f"submission: {writer.path} ({writer.count} rows)")
+    print(f"submission: {writer.path} ({writer.count} rows)", flush=True)

@@ -148,17 +148,23 @@ def test_a_process_that_does_not_write_creates_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_in_a_run_only_the_main_process_writes(tmp_path):
-    with current_run(RunContext(rank=1, world_size=2), PluginManager()):
-        learner_with(Labels(tmp_path / "l.csv.gz", ["a"])).predict(
-            batches_of([0], [[0]]), keep=False
-        )
+def test_only_the_main_process_of_the_run_writes(tmp_path):
+    def predict(context: RunContext) -> None:
+        learner = Learner(Passthrough(), [], optimizer=_no_optimizer, context=context)
+        learner.add_plugin(Labels(tmp_path / "l.csv.gz", ["a"]))
+        learner.predict(batches_of([0], [[0]]), keep=False)
+
+    predict(RunContext(rank=1, world_size=2))
     assert list(tmp_path.iterdir()) == []
-    with current_run(RunContext(rank=0, world_size=2), PluginManager()):
-        learner_with(Labels(tmp_path / "l.csv.gz", ["a"])).predict(
-            batches_of([0], [[0]]), keep=False
-        )
+    predict(RunContext(rank=0, world_size=2))
     assert read_rows(tmp_path / "l.csv.gz") == [["id", "label"], ["a", "0"]]
+
+
+def test_a_learner_made_in_a_run_takes_the_runs_context(tmp_path):
+    with current_run(RunContext(rank=1, world_size=2), PluginManager()):
+        learner = learner_with(Labels(tmp_path / "l.csv.gz", ["a"]))
+    learner.predict(batches_of([0], [[0]]), keep=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_writer_without_rows_says_what_to_implement(tmp_path):
