@@ -35,14 +35,9 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as transforms
 
-from trainloop.data.carvana import (
-    CarvanaDataset,
-    check_layout,
-    generate_dataset,
-    make_loader,
-    read_jpeg,
-    read_mask,
-)
+from trainloop.tasks.carvana.dataset import CarvanaDataset, make_loader, read_jpeg, read_mask
+from trainloop.tasks.carvana.files import check_layout
+from trainloop.tasks.carvana.synthetic import generate_dataset
 
 TARGET_SHARE = 0.8
 

@@ -6,7 +6,7 @@ One command, a few minutes, on a machine with an NVIDIA GPU::
     python benchmarks/gpu_check.py --data input    # the real Carvana train/ folder
     python benchmarks/gpu_check.py --compile       # also the torch.compile variants
 
-It trains the Carvana recipe's model (``trainloop.models.unet.UNet``, loss
+It trains the Carvana recipe's model (``trainloop.tasks.carvana.unet.UNet``, loss
 ``bce_dice_loss``, Adam) through a ``Learner`` with the device and precision plugins,
 on batches from ``CarvanaDataset`` through a ``DataLoader`` with pinned memory, and
 prints for each variant:
@@ -40,11 +40,12 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from trainloop import Learner, batch_size
-from trainloop.data.carvana import CarvanaDataset, ensure_data
-from trainloop.models.segmentation import bce_dice_loss
-from trainloop.models.unet import UNet
 from trainloop.plugins.device import Compile, Device
 from trainloop.plugins.precision import Precision
+from trainloop.tasks.carvana.dataset import CarvanaDataset
+from trainloop.tasks.carvana.losses import bce_dice_loss
+from trainloop.tasks.carvana.synthetic import ensure_data
+from trainloop.tasks.carvana.unet import UNet
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """The prediction-writing path of the Carvana submission: speed, and memory that stays flat.
 
 Feeds ``learner.predict`` batches of 128x128 logit maps shaped like car masks (drawn by
-the synthetic generator, softened at the edges) through the predictions plugin's
-``PredictionWriter``, exactly as the recipe does: each map goes through a sigmoid, is
-resized to 1918x1280 (bilinear), thresholded, run-length encoded and written as a
-gzipped CSV row of ``submit.csv.gz``. The model is the identity, so only the writing
+the synthetic generator, softened at the edges) through Carvana's ``SubmissionWriter``
+(a ``PredictionWriter`` of the predictions plugin), exactly as the recipe does: each map
+goes through a sigmoid, is resized to 1918x1280 (bilinear), thresholded, run-length
+encoded and written as a gzipped CSV row of ``submit.csv.gz``. The model is the identity, so only the writing
 path is timed. Prints images per second, and for 100 and 2,000 images the peak memory:
 what ``tracemalloc`` saw allocated at once (Python objects and NumPy arrays), and the
 growth of the process's peak resident size (``ru_maxrss``) over the run, after a
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from trainloop import Learner
-from trainloop.data.carvana_synthetic import VIEWS, SyntheticCar, render_view
-from trainloop.plugins.predictions import PredictionWriter
+from trainloop.tasks.carvana.submission import SubmissionWriter
+from trainloop.tasks.carvana.synthetic import VIEWS, SyntheticCar, render_view
 
 ORIGINAL = (1918, 1280)  # (width, height) of the Carvana photos
 MAP_SIZE = 128
@@ -72,11 +72,11 @@ def run_once(count: int, batch_size: int, trace: bool) -> dict[str, float]:
     learner = Learner(Identity(), [], optimizer=torch.optim.SGD([torch.zeros(1)], lr=0.1))
     # A warm-up submission of one batch first: the buffers every image needs (a float
     # and a boolean 1918x1280 map, the RLE's arrays) are then part of the baseline.
-    warm_up = PredictionWriter(folder / "warm-up.csv.gz", images[:batch_size])
+    warm_up = SubmissionWriter(folder / "warm-up.csv.gz", images[:batch_size])
     learner.add_plugin(warm_up)
     learner.predict(batches(maps, batch_size, batch_size), keep=False)
     learner.plugin_manager.unregister(warm_up)
-    learner.add_plugin(PredictionWriter(folder / "submit.csv.gz", images))
+    learner.add_plugin(SubmissionWriter(folder / "submit.csv.gz", images))
     gc.collect()
     if trace:
         tracemalloc.start()
@@ -119,7 +119,7 @@ def main() -> None:
 
     width, height = ORIGINAL
     print(
-        f"PredictionWriter: {MAP_SIZE}x{MAP_SIZE} logit maps -> sigmoid -> {width}x{height} "
+        f"SubmissionWriter: {MAP_SIZE}x{MAP_SIZE} logit maps -> sigmoid -> {width}x{height} "
         f"bilinear -> threshold -> RLE -> gzip row; batches of {arguments.batch_size}, "
         f"{arguments.threads} torch thread(s)"
     )

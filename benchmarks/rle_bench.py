@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
-from trainloop.data.carvana_synthetic import VIEWS, SyntheticCar, render_view
-from trainloop.rle import rle_decode, rle_encode
+from trainloop.tasks.carvana.rle import rle_decode, rle_encode
+from trainloop.tasks.carvana.synthetic import VIEWS, SyntheticCar, render_view
 
 WIDTH, HEIGHT = 1918, 1280
 TARGET_PER_SECOND = 200

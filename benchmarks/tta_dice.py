@@ -13,8 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
-from trainloop.models.segmentation import FlipTTA
 from trainloop.plugins.model_saver import rebuild
+from trainloop.tasks.carvana.tta import FlipTTA
 
 
 def main() -> None:

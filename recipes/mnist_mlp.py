@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from trainloop import Learner, UsageError
-from trainloop.data.mnist import load_mnist
 from trainloop.data.tensors import TensorBatches
+from trainloop.tasks.mnist.data import load_mnist
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trainloop import Learner, UsageError, hookimpl
-from trainloop.neuron import draw_error_surface
+from trainloop.tasks.neuron.surface import draw_error_surface
 
 
 @dataclass

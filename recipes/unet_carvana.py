@@ -32,30 +32,28 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from trainloop import Learner, UsageError
-from trainloop.data.carvana import (
+from trainloop.context import pin_memory_default, run_context
+from trainloop.data.seeding import SetDataEpoch, seeded_rng
+from trainloop.tasks.carvana.dataset import (
     CarvanaDataset,
     FloatImages,
-    SetDataEpoch,
-    car_id_of,
-    check_layout,
-    check_size,
-    ensure_data,
-    has_carvana_files,
     make_loader,
-    split_by_car,
-    unpack,
+    training_loaders,
 )
-from trainloop.data.carvana_render import MaskPictures
-from trainloop.data.seeding import seeded_rng
-from trainloop.models.segmentation import FlipTTA, bce_dice_loss
-from trainloop.models.segmentation import dice as dice_score
-from trainloop.models.unet import UNet
-from trainloop.plugins.predictions import FILE_NAME, PredictionWriter, is_main_process
+from trainloop.tasks.carvana.files import check_layout, has_carvana_files
+from trainloop.tasks.carvana.losses import bce_dice_loss
+from trainloop.tasks.carvana.losses import dice as dice_score
+from trainloop.tasks.carvana.pictures import MaskPictures
+from trainloop.tasks.carvana.prepare import prepare_input
+from trainloop.tasks.carvana.split import train_valid_ids
+from trainloop.tasks.carvana.submission import SubmissionWriter
+from trainloop.tasks.carvana.tta import FlipTTA
+from trainloop.tasks.carvana.unet import UNet, check_size
 
 
 @dataclass
@@ -120,20 +118,11 @@ class Config:
 
 
 DEFAULT_INPUT_DIR = Path("input")
-SYNTHETIC_DEFAULTS = {"synthetic_cars": 20, "synthetic_test_cars": 2, "synthetic_size": (288, 192)}
 
 
-def _say(message: str) -> None:
-    if is_main_process():
+def _say(message: str | None) -> None:
+    if message is not None and run_context().is_main_process:
         print(message, flush=True)
-
-
-def _pin_memory() -> bool:
-    try:
-        from trainloop.plugins.device import pin_memory_default
-    except ImportError:
-        return torch.cuda.is_available()
-    return pin_memory_default()
 
 
 def _check(cfg: Config) -> None:
@@ -170,85 +159,39 @@ def wants_synthetic(cfg: Config) -> bool:
     Only in the default folder ``input`` or when asked for (``--synthetic`` or a
     ``--synthetic-*`` option): a mistyped ``--input-dir`` is an error, not a new data set.
     """
-    asked = any(getattr(cfg, name) is not None for name in SYNTHETIC_DEFAULTS)
-    return cfg.synthetic or asked or Path(cfg.input_dir) == DEFAULT_INPUT_DIR
-
-
-def synthetic_options(cfg: Config) -> dict[str, Any]:
-    """The ``--synthetic-*`` values, their defaults where not given."""
-    return {
-        name: default if getattr(cfg, name) is None else getattr(cfg, name)
-        for name, default in SYNTHETIC_DEFAULTS.items()
-    }
-
-
-def prepare_data(cfg: Config) -> None:
-    """Unpack Kaggle's zip files, or generate the synthetic set, in ``cfg.input_dir``."""
-    synthetic = synthetic_options(cfg)
-    generated = wants_synthetic(cfg) and ensure_data(
-        cfg.input_dir,
-        n_train_cars=synthetic["synthetic_cars"],
-        n_test_cars=synthetic["synthetic_test_cars"],
-        size=tuple(synthetic["synthetic_size"]),
-        seed=cfg.seed,
-    )
-    if generated:
-        width, height = synthetic["synthetic_size"]
-        _say(
-            f"no Carvana data in {cfg.input_dir}: generated a synthetic set there "
-            f"({synthetic['synthetic_cars']} training and {synthetic['synthetic_test_cars']} "
-            f"test cars, {width}x{height} photos)"
-        )
-        return
-    unpacked = unpack(cfg.input_dir)
-    if unpacked:
-        _say(f"unpacked {', '.join(unpacked)} in {cfg.input_dir}")
-
-
-def varied_order(image_ids: list[str]) -> list[str]:
-    """The same photos, ordered so that the first ones show different cars from different sides.
-
-    Car ``k`` (in sorted order) starts at view ``1 + 5k`` and goes round from there; the
-    photos are then taken one from each car in turn.
-    """
-    cars = sorted({car_id_of(image_id) for image_id in image_ids})
-    rank = {car: position for position, car in enumerate(cars)}
-
-    def key(image_id: str) -> tuple[int, int]:
-        car, view = image_id.rsplit("_", 1)
-        return (int(view) - 1 - 5 * rank[car]) % 16, rank[car]
-
-    return sorted(image_ids, key=key)
+    synthetic_options = (cfg.synthetic_cars, cfg.synthetic_test_cars, cfg.synthetic_size)
+    asked = cfg.synthetic or any(value is not None for value in synthetic_options)
+    return asked or Path(cfg.input_dir) == DEFAULT_INPUT_DIR
 
 
 def build(cfg: Config) -> Learner:
     _check(cfg)
-    prepare_data(cfg)
-    layout = check_layout(cfg.input_dir, require_test=cfg.predict)
-    valid_size = int(cfg.valid_size) if cfg.valid_size >= 1 else cfg.valid_size
-    train_ids, valid_ids = split_by_car(layout.train_ids, valid_size, cfg.sample_size, cfg.seed)
-    valid_ids = varied_order(valid_ids)  # TensorBoard pictures the first validation photos
-    pin_memory = _pin_memory()
-    size = tuple(cfg.image_size)
-    # uint8 through the loaders (a quarter of the bytes), float32 on the device: FloatImages.
-    # Order and augmentation come from (cfg.seed, epoch): exact resumes with any --workers.
-    train_data = make_loader(
-        CarvanaDataset(cfg.input_dir, train_ids, size, augment=cfg.augment, dtype=torch.uint8),
-        cfg.batch_size,
-        shuffle=True,
-        workers=cfg.workers,
-        pin_memory=pin_memory,
-        seed=cfg.seed,
-    )
-    valid_data = None
-    if valid_ids:
-        valid_data = make_loader(
-            CarvanaDataset(cfg.input_dir, valid_ids, size, dtype=torch.uint8),
-            cfg.batch_size,
-            workers=cfg.workers,
-            pin_memory=pin_memory,
+    _say(
+        prepare_input(
+            cfg.input_dir,
+            generate=wants_synthetic(cfg),
+            cars=cfg.synthetic_cars,
+            test_cars=cfg.synthetic_test_cars,
+            size=cfg.synthetic_size,
             seed=cfg.seed,
         )
+    )
+    layout = check_layout(cfg.input_dir, require_test=cfg.predict)
+    train_ids, valid_ids = train_valid_ids(
+        layout.train_ids, cfg.valid_size, cfg.sample_size, cfg.seed
+    )
+    size = tuple(cfg.image_size)
+    train_data, valid_data = training_loaders(
+        cfg.input_dir,
+        train_ids,
+        valid_ids,
+        size,
+        cfg.batch_size,
+        augment=cfg.augment,
+        workers=cfg.workers,
+        pin_memory=pin_memory_default(),
+        seed=cfg.seed,
+    )
     with seeded_rng(cfg.seed):  # the same weights from Python as from the command line
         model = UNet(base_width=cfg.base_width, depth=cfg.depth)
     parameters = sum(parameter.numel() for parameter in model.parameters())
@@ -275,13 +218,15 @@ def build(cfg: Config) -> Learner:
 
 def predict(learner: Learner, cfg: Config) -> None:
     """Predict every test photo into ``RUN_DIR/submit.csv.gz``, one row at a time."""
-    if not cfg.predict or not is_main_process():
+    if not cfg.predict or not learner.context.is_main_process:
         return
     test_set = CarvanaDataset(
         cfg.input_dir, size=tuple(cfg.image_size), split="test", dtype=torch.uint8
     )
-    test_data = make_loader(test_set, cfg.batch_size, workers=cfg.workers, pin_memory=_pin_memory())
-    writer = PredictionWriter(Path(learner.run_dir) / FILE_NAME, test_set, cfg.threshold)
+    test_data = make_loader(
+        test_set, cfg.batch_size, workers=cfg.workers, pin_memory=pin_memory_default()
+    )
+    writer = SubmissionWriter(None, test_set, cfg.threshold)
     added = [writer] + ([FlipTTA(cfg.tta)] if cfg.tta != "none" else [])
     for plugin in added:
         learner.add_plugin(plugin)
@@ -290,4 +235,4 @@ def predict(learner: Learner, cfg: Config) -> None:
     finally:
         for plugin in added:
             learner.plugin_manager.unregister(plugin)
-    _say(f"submission: {writer.path} ({writer.count} rows)")
+    print(f"submission: {writer.path} ({writer.count} rows)", flush=True)

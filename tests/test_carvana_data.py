@@ -13,21 +13,19 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from trainloop.data.carvana import (
+from trainloop.errors import UsageError
+from trainloop.tasks.carvana.dataset import (
     CarvanaDataset,
     SharedGridAffine,
-    check_layout,
-    check_size,
-    ensure_data,
-    fetch_kaggle,
-    generate_dataset,
-    kaggle_file_names,
     make_loader,
-    split_by_car,
-    unpack,
+    training_loaders,
 )
-from trainloop.errors import UsageError
-from trainloop.rle import rle_decode
+from trainloop.tasks.carvana.files import check_layout, fetch_kaggle, kaggle_file_names, unpack
+from trainloop.tasks.carvana.prepare import prepare_input
+from trainloop.tasks.carvana.rle import rle_decode
+from trainloop.tasks.carvana.split import split_by_car, train_valid_ids, varied_order
+from trainloop.tasks.carvana.synthetic import ensure_data, generate_dataset
+from trainloop.tasks.carvana.unet import check_size
 
 # torchvision 0.29 deprecates its JPEG decoder in favour of TorchCodec; it still works.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
@@ -270,6 +268,24 @@ def test_unpack_turns_kaggle_zips_into_the_layout_and_is_idempotent(generated, t
     check_layout(tmp_path / "input", decode=True)
 
 
+def test_prepare_input_generates_or_unpacks_and_says_which(generated, tmp_path):
+    message = prepare_input(tmp_path / "new", generate=True, cars=1, test_cars=1, size=(32, 16))
+    assert message == (
+        f"no Carvana data in {tmp_path / 'new'}: generated a synthetic set there "
+        f"(1 training and 1 test cars, 32x16 photos)"
+    )
+    assert len(check_layout(tmp_path / "new").train_ids) == 16
+    assert prepare_input(tmp_path / "new", generate=True) is None  # ready as it is
+    assert prepare_input(tmp_path / "empty", generate=False) is None  # not asked to generate
+    assert not (tmp_path / "empty").exists()
+    kaggle_zips(generated, tmp_path / "zipped")
+    message = prepare_input(tmp_path / "zipped", generate=True)  # data there: no generating
+    assert message.startswith("unpacked train.zip, ") and message.endswith(
+        f" in {tmp_path / 'zipped'}"
+    )
+    assert check_layout(tmp_path / "zipped").train_ids == check_layout(generated).train_ids
+
+
 def test_unpack_puts_the_hq_photos_in_train_and_test(generated, tmp_path):
     kaggle_zips(generated, tmp_path / "input", hq=True)
     assert "train_hq.zip" in unpack(tmp_path / "input")
@@ -383,6 +399,23 @@ def test_split_rejects_a_valid_size_that_leaves_no_training_car():
 
 
 # The dataset
+
+
+def test_validation_photos_are_ordered_so_the_first_show_different_cars_and_sides():
+    ids = [f"car{car}_{view:02d}" for car in "abcd" for view in range(1, 17)]
+    ordered = varied_order(ids)
+    assert sorted(ordered) == ids
+    assert ordered[:4] == ["cara_01", "carb_06", "carc_11", "card_16"]
+
+
+def test_the_recipes_split_reads_valid_size_as_a_fraction_or_a_number_of_images():
+    ids = image_ids(5)
+    train_ids, valid_ids = train_valid_ids(ids, 0.4, seed=0)  # 2 of the 5 cars
+    assert (train_ids, sorted(valid_ids)) == split_by_car(ids, 0.4, seed=0)
+    assert valid_ids == varied_order(valid_ids) != sorted(valid_ids)  # pictured first
+    train_ids, valid_ids = train_valid_ids(ids, 16.0, seed=0)  # 16 images: one car
+    assert (train_ids, sorted(valid_ids)) == split_by_car(ids, 16, seed=0)
+    assert (len(train_ids), len(valid_ids)) == (64, 16)
 
 
 def write_sample(
@@ -532,6 +565,22 @@ def test_loader_batches_images_and_masks_with_workers(generated):
     assert masks.shape == (4, 1, 16, 32)
 
 
+def test_training_loaders_give_uint8_batches_shuffled_for_training_only(generated):
+    ids = check_layout(generated).train_ids
+    train_data, valid_data = training_loaders(
+        generated, ids[:16], ids[16:24], (32, 16), batch_size=8, augment=False
+    )
+    images, masks = next(iter(train_data))
+    assert (images.dtype, masks.dtype) == (torch.uint8, torch.uint8)
+    assert images.shape == (8, 3, 16, 32) and masks.shape == (8, 1, 16, 32)
+    in_order = CarvanaDataset(generated, ids[:16], (32, 16), dtype=torch.uint8)
+    assert not torch.equal(images, torch.stack([in_order[i][0] for i in range(8)]))
+    valid_images, _ = next(iter(valid_data))
+    valid_set = CarvanaDataset(generated, ids[16:24], (32, 16), dtype=torch.uint8)
+    assert torch.equal(valid_images, torch.stack([valid_set[i][0] for i in range(8)]))
+    assert training_loaders(generated, ids, [], (32, 16), batch_size=8)[1] is None
+
+
 def test_check_size_names_the_nearest_valid_sizes():
     check_size((256, 176), depth=4)
     with pytest.raises(UsageError) as error:
@@ -557,7 +606,7 @@ def test_float_images_turns_uint8_batches_into_the_float32_dataset_values(genera
     import functools
 
     from trainloop import Learner
-    from trainloop.data.carvana import FloatImages
+    from trainloop.tasks.carvana.dataset import FloatImages
 
     ids = check_layout(generated).train_ids[:4]
     as_float = CarvanaDataset(generated, ids, size=(96, 64))

@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from trainloop import Learner, PluginManager, RunConfig, UsageError
 from trainloop.cli import main
-from trainloop.data.mnist import load_mnist, write_idx_files
 from trainloop.data.tensors import TensorBatches
 from trainloop.plugins import distributed
 from trainloop.plugins.checkpoint import Checkpoint
@@ -32,6 +31,7 @@ from trainloop.plugins.distributed import (
     torchrun_command,
 )
 from trainloop.recipe import load_recipe
+from trainloop.tasks.mnist.data import load_mnist, write_idx_files
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -628,12 +628,12 @@ def documented_as(name: str, ids: set[str]) -> bool:
 
 
 def test_trainloop_names_are_found_in_prose_code_and_imports():
-    text = "Use `trainloop.rle.rle_encode`.\n```python\nfrom trainloop.data.mnist import (\n    load_mnist,\n    write_idx_files as write,\n)\nfrom trainloop_csv import X\n```\n"
+    text = "Use `trainloop.tasks.carvana.rle.rle_encode`.\n```python\nfrom trainloop.tasks.mnist.data import (\n    load_mnist,\n    write_idx_files as write,\n)\nfrom trainloop_csv import X\n```\n"
     assert trainloop_names(text) == {
-        "trainloop.rle.rle_encode",
-        "trainloop.data.mnist",
-        "trainloop.data.mnist.load_mnist",
-        "trainloop.data.mnist.write_idx_files",
+        "trainloop.tasks.carvana.rle.rle_encode",
+        "trainloop.tasks.mnist.data",
+        "trainloop.tasks.mnist.data.load_mnist",
+        "trainloop.tasks.mnist.data.write_idx_files",
     }
 
 

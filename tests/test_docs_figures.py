@@ -95,8 +95,8 @@ def test_the_mnist_page_loss_curves_are_those_of_its_run(page_run):  # noqa: F81
 
 
 def test_the_unet_diagram_has_the_shapes_of_the_recipes_default_unet():
-    from trainloop.models.unet import UNet
     from trainloop.recipe import load_recipe
+    from trainloop.tasks.carvana.unet import UNet
 
     config = load_recipe(ROOT / "recipes" / "unet_carvana.py").Config()
     model = UNet(base_width=config.base_width, depth=config.depth)

@@ -552,9 +552,9 @@ def test_callbacks_table_names_built_in_plugins_and_the_hooks_they_use():
 def test_carvana_picture_on_the_unet_page_has_the_layout_of_the_default_run():
     import argparse
 
-    from trainloop.data.carvana_render import overlay_rows
     from trainloop.plugins import tensorboard
     from trainloop.recipe import load_recipe
+    from trainloop.tasks.carvana.pictures import overlay_rows
 
     recipe_path = ROOT / "recipes" / "unet_carvana.py"
     if not recipe_path.exists():

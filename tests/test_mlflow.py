@@ -28,7 +28,7 @@ from conftest import ROOT, write_tiny_recipe
 
 from trainloop import hookimpl
 from trainloop.cli import DISABLE_AUTOLOAD, main
-from trainloop.data.mnist import write_idx_files
+from trainloop.tasks.mnist.data import write_idx_files
 
 mlflow = pytest.importorskip("mlflow", reason="mlflow is not installed: pip install mlflow")
 if not any(entry.name == "mlflow" for entry in entry_points(group="trainloop")):

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torchvision
 
-from trainloop.data.mnist import IDX_FILES, load_mnist, write_idx_files
 from trainloop.data.tensors import TensorBatches
 from trainloop.errors import UsageError
+from trainloop.tasks.mnist.data import IDX_FILES, load_mnist, write_idx_files
 
 
 def write_plain_idx(raw_dir, train_pixels, train_labels, test_pixels, test_labels):

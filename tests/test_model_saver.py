@@ -10,10 +10,10 @@ import torch
 from conftest import ROOT, make_learner
 
 from trainloop import Learner, cli
-from trainloop.data.mnist import write_idx_files
 from trainloop.monitor import Monitor
 from trainloop.plugins.checkpoint import Checkpoint
 from trainloop.plugins.model_saver import ModelSaver, config_from_dict, rebuild
+from trainloop.tasks.mnist.data import write_idx_files
 
 RECIPE = '''
 """A linear model on fixed data, for model_saver tests."""

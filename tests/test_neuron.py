@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainloop.neuron import (
+from trainloop.tasks.neuron.surface import (
     END_COLOUR,
     START_COLOUR,
     VALLEY_COLOUR,

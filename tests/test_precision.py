@@ -13,9 +13,9 @@ from conftest import make_data
 
 from trainloop import Learner, PluginManager, RunConfig, UsageError
 from trainloop.cli import main
-from trainloop.data.mnist import write_idx_files
 from trainloop.plugins import precision as precision_plugin
 from trainloop.plugins.precision import Precision, ScaledPrecision
+from trainloop.tasks.mnist.data import write_idx_files
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -134,7 +134,7 @@ class Lopsided(torch.nn.Module):
 @pytest.mark.parametrize(("mode", "flips"), [("flip", [(3,)]), ("flips", [(3,), (2,), (2, 3)])])
 def test_flip_tta_averages_the_probabilities_of_the_flipped_predictions(mode, flips):
     from trainloop import Learner
-    from trainloop.models.segmentation import FlipTTA
+    from trainloop.tasks.carvana.tta import FlipTTA
 
     images = torch.randn(2, 1, 4, 6)
     model = Lopsided()

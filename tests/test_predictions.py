@@ -1,122 +1,70 @@
-"""The predictions plugin: PredictionWriter streams submit.csv.gz rows while predicting."""
+"""The predictions plugin: PredictionWriter streams one CSV row per item while predicting."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import gzip
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from trainloop import Learner, PluginManager, RunConfig, hookimpl
-from trainloop.plugins import predictions
+from trainloop import Learner, PluginManager, hookimpl
+from trainloop.context import RunContext, current_run
 from trainloop.plugins.predictions import PredictionWriter
-from trainloop.rle import rle_decode
+
+
+class Labels(PredictionWriter):
+    """``id,label``: the most likely class of each item of a batch ``(inputs, indices)``."""
+
+    header = ("id", "label")
+    file_name = "labels.csv.gz"
+
+    def rows(self, batch, pred):
+        for index, label in zip(batch[1].tolist(), pred.argmax(dim=1).tolist(), strict=True):
+            yield index, (str(label),)
 
 
 class Passthrough(torch.nn.Module):
-    """A model whose output is its input: the test hands it the probability maps."""
+    """A model whose output is its input: the test hands it the class scores."""
 
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        return maps
-
-
-def predict_with(writer: PredictionWriter, batches: list, tmp_path: Path) -> Learner:
-    learner = Learner(
-        Passthrough(), [], plugins=[writer], run_dir=tmp_path, optimizer=_no_optimizer
-    )
-    learner.predict(batches, keep=False)
-    return learner
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores
 
 
 def _no_optimizer(parameters) -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
+def learner_with(*plugins, run_dir: Path | None = None) -> Learner:
+    return Learner(Passthrough(), [], plugins=plugins, run_dir=run_dir, optimizer=_no_optimizer)
+
+
+def one_hot(labels: list[int]) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(labels), num_classes=4).float()
+
+
+def batches_of(labels: list[int], order: list[list[int]]) -> list:
+    """Batches ``(scores, indices)`` that predict ``labels[i]`` for item ``i``, in ``order``."""
+    scores = one_hot(labels)
+    return [(scores[indices], torch.tensor(indices)) for indices in order]
+
+
 def read_rows(path: Path) -> list[list[str]]:
-    with gzip.open(path, "rt", newline="") as file:
+    opener = gzip.open if ".gz" in path.suffixes else open
+    with opener(path, "rt", newline="") as file:
         return list(csv.reader(file))
 
 
-def test_rows_are_the_exact_kaggle_rle_of_thresholded_probability_maps(tmp_path):
-    maps = torch.tensor(
-        [
-            [[0.9, 0.2, 0.6], [0.1, 0.51, 0.99]],  # above 0.5: (0,0) (0,2) (1,1) (1,2)
-            [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]],  # empty mask: empty RLE
-            [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]],  # first and last pixel set
-        ]
-    )
-    images = [("a.jpg", (3, 2)), ("b.jpg", (3, 2)), ("c.jpg", (3, 2))]
-    writer = PredictionWriter(tmp_path / "submit.csv.gz", images, threshold=0.5, logits=False)
-    predict_with(writer, [(maps[:2, None], torch.tensor([0, 1])), (maps[2:, None], [2])], tmp_path)
-    assert read_rows(tmp_path / "submit.csv.gz") == [
-        ["img", "rle_mask"],
-        ["a.jpg", "1 1 3 1 5 2"],
-        ["b.jpg", ""],
-        ["c.jpg", "1 6"],
+def test_rows_come_in_key_order_whatever_order_the_batches_come_in(tmp_path):
+    keys = [f"item_{i}" for i in range(7)]
+    labels = [3, 1, 0, 2, 2, 1, 3]
+    writer = Labels(tmp_path / "labels.csv.gz", keys)
+    learner_with(writer).predict(batches_of(labels, [[5, 2], [0], [6, 1, 3], [4]]), keep=False)
+    assert read_rows(tmp_path / "labels.csv.gz") == [["id", "label"]] + [
+        [key, str(label)] for key, label in zip(keys, labels, strict=True)
     ]
-    assert writer.count == 3
-
-
-def test_logits_go_through_a_sigmoid_and_the_threshold_is_applied_to_probabilities(tmp_path):
-    # sigmoid(0.5) = 0.62, sigmoid(1.0) = 0.73, sigmoid(2.0) = 0.88
-    logits = torch.tensor([[[0.5, 1.0, 2.0, -3.0]]])
-    writer = PredictionWriter(tmp_path / "s.csv.gz", [("x.jpg", (4, 1))], threshold=0.7)
-    predict_with(writer, [(logits[:, None], torch.tensor([0]))], tmp_path)
-    assert read_rows(tmp_path / "s.csv.gz")[1] == ["x.jpg", "2 2"]
-
-
-def test_each_map_is_resized_to_its_own_non_square_original_size(tmp_path):
-    # A 4x6 map (height x width) whose left half is set, for images of two sizes.
-    half = torch.zeros(1, 1, 4, 6)
-    half[..., :3] = 1.0
-    sizes = [(30, 8), (12, 20)]  # (width, height), neither square nor the map's ratio
-    images = [("wide.jpg", sizes[0]), ("tall.jpg", sizes[1])]
-    writer = PredictionWriter(tmp_path / "s.csv.gz", images, logits=False)
-    predict_with(writer, [(torch.cat([half, half]), torch.tensor([0, 1]))], tmp_path)
-    rows = read_rows(tmp_path / "s.csv.gz")[1:]
-    for (name, rle), (width, height) in zip(rows, sizes, strict=True):
-        mask = rle_decode(rle, (height, width))
-        expected = np.zeros((height, width), dtype=bool)
-        expected[:, : width // 2] = True
-        assert np.array_equal(mask, expected), name
-
-
-def test_original_sizes_are_read_from_the_dataset_images(tmp_path):
-    class Photos:  # what CarvanaDataset(split="test") offers the writer
-        names = ["p_01.jpg", "p_02.jpg"]
-
-        def original_size(self, index):
-            with Image.open(tmp_path / self.names[index]) as image:
-                return image.size
-
-    Image.new("RGB", (50, 20)).save(tmp_path / "p_01.jpg")
-    Image.new("RGB", (20, 50)).save(tmp_path / "p_02.jpg")
-    maps = torch.ones(2, 1, 8, 8)
-    writer = PredictionWriter(None, Photos(), logits=False)
-    predict_with(writer, [(maps, torch.tensor([0, 1]))], tmp_path)
-    rows = read_rows(tmp_path / "submit.csv.gz")  # the default path: RUN_DIR/submit.csv.gz
-    assert rows[1:] == [["p_01.jpg", "1 1000"], ["p_02.jpg", "1 1000"]]
-    assert rle_decode(rows[1][1], (20, 50)).all()
-
-
-def test_rows_come_in_dataset_order_whatever_order_the_batches_come_in(tmp_path):
-    names = [f"car_{i:02d}.jpg" for i in range(7)]
-    images = [(name, (4, 1)) for name in names]
-    maps = torch.zeros(7, 1, 1, 4)
-    for index in range(7):  # image i has its first i % 4 + 1 pixels set: rows tell apart
-        maps[index, 0, 0, : index % 4 + 1] = 1.0
-    order = [[5, 2], [0], [6, 1, 3], [4]]
-    batches = [(maps[indices], torch.tensor(indices)) for indices in order]
-    writer = PredictionWriter(tmp_path / "s.csv.gz", images, logits=False)
-    predict_with(writer, batches, tmp_path)
-    rows = read_rows(tmp_path / "s.csv.gz")[1:]
-    assert [row[0] for row in rows] == names
-    assert [row[1] for row in rows] == [f"1 {index % 4 + 1}" for index in range(7)]
+    assert writer.count == 7
 
 
 def test_rows_are_written_as_batches_arrive_not_held_until_the_end(tmp_path):
@@ -124,19 +72,16 @@ def test_rows_are_written_as_batches_arrive_not_held_until_the_end(tmp_path):
 
     class Peek:  # after each batch, how many rows has the writer written?
         @hookimpl(trylast=True)  # after the writer
-        def on_predict_batch_end(self, learner):
+        def on_predict_batch_end(self):
             seen.append(writer.count)
 
-    images = [(f"{i}.jpg", (2, 2)) for i in range(6)]
-    writer = PredictionWriter(tmp_path / "s.csv.gz", images, logits=False)
-    batches = [(torch.ones(2, 1, 2, 2), torch.tensor([i, i + 1])) for i in (0, 2, 4)]
-    learner = Learner(Passthrough(), [], plugins=[writer], optimizer=_no_optimizer)
-    learner.add_plugin(Peek())
-    learner.predict(batches, keep=False)
+    writer = Labels(tmp_path / "l.csv.gz", [str(i) for i in range(6)])
+    learner = learner_with(writer, Peek())
+    learner.predict(batches_of([0] * 6, [[0, 1], [2, 3], [4, 5]]), keep=False)
     assert seen == [2, 4, 6]
 
 
-def test_an_error_mid_predict_leaves_no_submission_only_a_partial_file(tmp_path, capsys):
+def test_an_error_mid_predict_leaves_no_final_file_only_a_partial_one(tmp_path, capsys):
     class Boom:
         @hookimpl
         def forward(self, learner, batch):
@@ -144,71 +89,85 @@ def test_an_error_mid_predict_leaves_no_submission_only_a_partial_file(tmp_path,
                 raise RuntimeError("out of memory")
             return batch[0]
 
-    images = [(f"{i}.jpg", (2, 2)) for i in range(8)]
-    writer = PredictionWriter(tmp_path / "submit.csv.gz", images, logits=False)
-    batches = [(torch.ones(2, 1, 2, 2), torch.tensor([i, i + 1])) for i in (0, 2, 4, 6)]
-    learner = Learner(Passthrough(), [], plugins=[writer, Boom()], optimizer=_no_optimizer)
+    writer = Labels(tmp_path / "labels.csv.gz", [str(i) for i in range(8)])
+    learner = learner_with(writer, Boom())
     with pytest.raises(RuntimeError, match="out of memory"):
-        learner.predict(batches, keep=False)
-    assert not (tmp_path / "submit.csv.gz").exists()
-    partial = tmp_path / "submit.csv.gz.partial"
-    assert read_rows(partial) == [["img", "rle_mask"], ["0.jpg", "1 4"], ["1.jpg", "1 4"],
-                                  ["2.jpg", "1 4"], ["3.jpg", "1 4"]]  # fmt: skip
+        learner.predict(batches_of([1] * 8, [[0, 1], [2, 3], [4, 5], [6, 7]]), keep=False)
+    assert not (tmp_path / "labels.csv.gz").exists()
+    assert writer.partial_path == tmp_path / "labels.csv.gz.partial"
+    assert read_rows(writer.partial_path) == [["id", "label"], ["0", "1"], ["1", "1"],
+                                              ["2", "1"], ["3", "1"]]  # fmt: skip
     assert "after 4 of 8 rows" in capsys.readouterr().err
 
 
-def test_a_new_complete_submission_replaces_the_old_one_and_its_partial_file(tmp_path):
-    images = [("a.jpg", (2, 1))]
-    path = tmp_path / "submit.csv.gz"
+def test_a_new_complete_file_replaces_the_old_one_and_its_partial_file(tmp_path):
+    path = tmp_path / "labels.csv.gz"
     path.write_bytes(b"old")
-    writer = PredictionWriter(path, images, logits=False)
-    predict_with(writer, [(torch.ones(1, 1, 1, 2), torch.tensor([0]))], tmp_path)
-    assert read_rows(path) == [["img", "rle_mask"], ["a.jpg", "1 2"]]
-    assert not (tmp_path / "submit.csv.gz.partial").exists()
+    learner_with(Labels(path, ["a"])).predict(batches_of([2], [[0]]), keep=False)
+    assert read_rows(path) == [["id", "label"], ["a", "2"]]
+    assert not (tmp_path / "labels.csv.gz.partial").exists()
 
 
-def test_a_predict_that_misses_images_is_an_error_and_writes_no_submission(tmp_path):
-    images = [(f"{i}.jpg", (2, 1)) for i in range(3)]
-    writer = PredictionWriter(tmp_path / "submit.csv.gz", images, logits=False)
-    with pytest.raises(ValueError, match=r"rows for 2 of 3 images \(the first missing is 1.jpg\)"):
-        predict_with(writer, [(torch.ones(2, 1, 1, 2), torch.tensor([0, 2]))], tmp_path)
-    assert not (tmp_path / "submit.csv.gz").exists()
+def test_the_same_predictions_make_the_same_bytes(tmp_path):
+    for folder in ("first", "second"):
+        writer = Labels(tmp_path / folder / "labels.csv.gz", ["a", "b"])
+        learner_with(writer).predict(batches_of([1, 2], [[0, 1]]), keep=False)
+    first, second = (tmp_path / folder / "labels.csv.gz" for folder in ("first", "second"))
+    assert first.read_bytes() == second.read_bytes()
+    assert first.read_bytes()[4:8] == bytes(4)  # gzip's time stamp: none, not the clock
 
 
-def test_an_image_predicted_twice_is_an_error(tmp_path):
-    writer = PredictionWriter(tmp_path / "s.csv.gz", [("a.jpg", (2, 1)), ("b.jpg", (2, 1))])
-    batches = [(torch.ones(1, 1, 1, 2), torch.tensor([0]))] * 2
-    with pytest.raises(ValueError, match=r"image 0 \(a.jpg\) twice"):
-        predict_with(writer, batches, tmp_path)
+def test_a_name_without_gz_is_a_plain_csv_and_no_path_means_the_run_folder(tmp_path):
+    learner_with(Labels(tmp_path / "labels.csv", ["a"])).predict(batches_of([3], [[0]]), keep=False)
+    assert (tmp_path / "labels.csv").read_text() == "id,label\na,3\n"
+    writer = Labels(None, ["a"])
+    learner_with(writer, run_dir=tmp_path / "run").predict(batches_of([3], [[0]]), keep=False)
+    assert writer.path == tmp_path / "run" / "labels.csv.gz"
+    assert read_rows(writer.path) == [["id", "label"], ["a", "3"]]
 
 
-def test_batches_without_indices_are_refused_with_what_to_do(tmp_path):
-    writer = PredictionWriter(tmp_path / "s.csv.gz", [("a.jpg", (2, 1))])
-    with pytest.raises(TypeError, match=r"batches of \(images, indices\)"):
-        predict_with(writer, [torch.ones(1, 1, 1, 2)], tmp_path)
+def test_a_predict_that_misses_items_is_an_error_and_writes_no_file(tmp_path):
+    writer = Labels(tmp_path / "labels.csv.gz", ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"rows for 2 of 3 items \(the first missing is b\)"):
+        learner_with(writer).predict(batches_of([0, 0, 0], [[0, 2]]), keep=False)
+    assert not (tmp_path / "labels.csv.gz").exists()
+
+
+def test_an_item_predicted_twice_or_out_of_range_is_an_error(tmp_path):
+    writer = Labels(tmp_path / "l.csv.gz", ["a", "b"])
+    with pytest.raises(ValueError, match=r"Labels got item 0 \(a\) twice"):
+        learner_with(writer).predict(batches_of([0, 0], [[0], [0]]), keep=False)
+    writer = Labels(tmp_path / "l.csv.gz", ["a"])
+    with pytest.raises(ValueError, match=r"got index 1, but it has 1 items \(0 to 0\)"):
+        learner_with(writer).predict([(one_hot([0]), torch.tensor([1]))], keep=False)
 
 
 def test_a_process_that_does_not_write_creates_no_file(tmp_path):
-    writer = PredictionWriter(tmp_path / "s.csv.gz", [("a.jpg", (2, 1))], write=False)
-    predict_with(writer, [(torch.ones(1, 1, 1, 2), torch.tensor([0]))], tmp_path)
+    writer = Labels(tmp_path / "l.csv.gz", ["a"], write=False)
+    learner_with(writer).predict(batches_of([0], [[0]]), keep=False)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_under_the_cli_only_the_main_process_writes(tmp_path):
-    config = RunConfig(argparse.Namespace(), tmp_path, Path("r.py"), None, PluginManager())
-    config.context.rank, config.context.world_size = 1, 2  # a process above rank 0
-    predictions.configure(config)
-    try:
-        writer = PredictionWriter(tmp_path / "s.csv.gz", [("a.jpg", (2, 1))])
-        predict_with(writer, [(torch.ones(1, 1, 1, 2), torch.tensor([0]))], tmp_path)
-    finally:
-        predictions.unconfigure()
+def test_only_the_main_process_of_the_run_writes(tmp_path):
+    def predict(context: RunContext) -> None:
+        learner = Learner(Passthrough(), [], optimizer=_no_optimizer, context=context)
+        learner.add_plugin(Labels(tmp_path / "l.csv.gz", ["a"]))
+        learner.predict(batches_of([0], [[0]]), keep=False)
+
+    predict(RunContext(rank=1, world_size=2))
     assert list(tmp_path.iterdir()) == []
-    writer = PredictionWriter(tmp_path / "s.csv.gz", [("a.jpg", (2, 1))])  # after the run
-    predict_with(writer, [(torch.ones(1, 1, 1, 2), torch.tensor([0]))], tmp_path)
-    assert (tmp_path / "s.csv.gz").exists()
+    predict(RunContext(rank=0, world_size=2))
+    assert read_rows(tmp_path / "l.csv.gz") == [["id", "label"], ["a", "0"]]
 
 
-def test_a_threshold_outside_zero_to_one_is_refused():
-    with pytest.raises(ValueError, match="threshold 1.5: use a value in \\(0, 1\\)"):
-        PredictionWriter("s.csv.gz", [("a.jpg", (2, 1))], threshold=1.5)
+def test_a_learner_made_in_a_run_takes_the_runs_context(tmp_path):
+    with current_run(RunContext(rank=1, world_size=2), PluginManager()):
+        learner = learner_with(Labels(tmp_path / "l.csv.gz", ["a"]))
+    learner.predict(batches_of([0], [[0]]), keep=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_writer_without_rows_says_what_to_implement(tmp_path):
+    writer = PredictionWriter(tmp_path / "p.csv", ["a"])
+    with pytest.raises(NotImplementedError, match=r"PredictionWriter must implement rows"):
+        learner_with(writer).predict(batches_of([0], [[0]]), keep=False)

@@ -19,7 +19,6 @@ from conftest import ROOT
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainloop import Learner
-from trainloop.data.carvana import CarvanaDataset, check_layout, generate_dataset, make_loader
 from trainloop.data.seeding import (
     SeededDataset,
     SeededSampler,
@@ -30,6 +29,9 @@ from trainloop.data.seeding import (
 )
 from trainloop.data.tensors import TensorBatches
 from trainloop.plugins.checkpoint import Checkpoint
+from trainloop.tasks.carvana.dataset import CarvanaDataset, make_loader
+from trainloop.tasks.carvana.files import check_layout
+from trainloop.tasks.carvana.synthetic import generate_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 

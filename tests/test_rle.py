@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainloop.rle import rle_decode, rle_encode
+from trainloop.tasks.carvana.rle import rle_decode, rle_encode
 
 # Flattened row-major: 1 1 0 0 | 0 1 1 1 | 1 0 0 1. The second run wraps onto the next row.
 HAND_MADE_MASK = np.array(

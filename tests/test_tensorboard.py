@@ -19,10 +19,10 @@ from torch.optim.lr_scheduler import StepLR
 from trainloop import PluginManager, RunConfig, hookimpl
 from trainloop.cli import main
 from trainloop.context import RunContext
-from trainloop.data.mnist import write_idx_files
 from trainloop.plugins import tensorboard
 from trainloop.plugins.lr_scheduler import LRScheduler
 from trainloop.plugins.tensorboard import TensorBoardLogger, flat_hparams
+from trainloop.tasks.mnist.data import write_idx_files
 
 
 def read_events(folder: Path) -> EventAccumulator:

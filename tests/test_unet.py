@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from trainloop.models.segmentation import bce_dice_loss, dice, soft_dice_loss
-from trainloop.models.unet import UNet
+from trainloop.tasks.carvana.losses import bce_dice_loss, dice, soft_dice_loss
+from trainloop.tasks.carvana.unet import UNet
 
 # Logits far enough from 0 that the sigmoid is 0 or 1 for practical purposes.
 ON, OFF = 20.0, -20.0

@@ -20,11 +20,12 @@ from torchvision.transforms import v2
 
 from trainloop import hookimpl
 from trainloop.cli import DISABLE_AUTOLOAD, main
-from trainloop.data.carvana import generate_dataset, resize_mask
-from trainloop.data.carvana_render import overlay_rows
 from trainloop.manager import builtin_plugin_names
 from trainloop.recipe import load_recipe
-from trainloop.rle import rle_decode
+from trainloop.tasks.carvana.dataset import resize_mask
+from trainloop.tasks.carvana.pictures import overlay_rows
+from trainloop.tasks.carvana.rle import rle_decode
+from trainloop.tasks.carvana.synthetic import generate_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
@@ -319,14 +320,6 @@ def test_the_picture_shows_photo_truth_and_prediction_side_by_side():
     assert prediction[0, 6 + 3, 5] > prediction[1, 6 + 3, 5]
     assert prediction[0, 6 + 3, 4] == 0.5
     assert (picture[:, 4:6] == 1).all()  # the white line between the rows
-
-
-def test_validation_photos_are_ordered_so_the_first_show_different_cars_and_sides():
-    recipe = load_recipe(RECIPE)
-    ids = [f"car{car}_{view:02d}" for car in "abcd" for view in range(1, 17)]
-    ordered = recipe.varied_order(ids)
-    assert sorted(ordered) == ids
-    assert ordered[:4] == ["cara_01", "carb_06", "carc_11", "card_16"]
 
 
 def test_masks_are_resized_by_area_so_outlines_match_a_mask_drawn_at_that_size():

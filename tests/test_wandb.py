@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, write_tiny_recipe
 
 from trainloop.cli import DISABLE_AUTOLOAD, main
-from trainloop.data.mnist import write_idx_files
+from trainloop.tasks.mnist.data import write_idx_files
 
 pytest.importorskip("wandb", reason="wandb is not installed: pip install wandb")
 if not any(entry.name == "wandb" for entry in entry_points(group="trainloop")):

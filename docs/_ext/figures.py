@@ -144,7 +144,7 @@ def unet_diagram(model: torch.nn.Module, size: tuple[int, int]) -> Image.Image:
     transposed convolution, as the model does), and the horizontal arrows are the skip
     connections, concatenated into the decoder.
     """
-    from trainloop.models.unet import DoubleConv
+    from trainloop.tasks.carvana.unet import DoubleConv
 
     shapes: list[tuple[int, int, int]] = []
     hooks = [

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from trainloop.data.carvana_files import Layout, has_carvana_files
 from trainloop.errors import UsageError
-from trainloop.rle import rle_encode
+from trainloop.tasks.carvana.files import Layout, has_carvana_files
+from trainloop.tasks.carvana.rle import rle_encode
 
 __all__ = ["SyntheticCar", "ensure_data", "generate_dataset", "render_view"]
 

@@ -1,14 +1,9 @@
-"""The Carvana Image Masking Challenge as data: files, split, synthetic set, dataset, loader.
+"""Carvana photos and masks as tensors: reading, resizing, augmenting, loading.
 
-Everything a Carvana recipe needs, importable from here::
+::
 
-    from trainloop.data.carvana import (
-        CarvanaDataset, check_layout, check_size, ensure_data, make_loader, split_by_car,
-    )
+    from trainloop.tasks.carvana.dataset import CarvanaDataset, make_loader
 
-    ensure_data("input")                      # a synthetic set when "input" has no data
-    layout = check_layout("input")
-    train_ids, valid_ids = split_by_car(layout.train_ids, valid_size=0.2, seed=0)
     train_data = make_loader(
         CarvanaDataset("input", train_ids, size=(480, 320), augment=True),
         batch_size=8, shuffle=True, workers=2, seed=0,
@@ -21,9 +16,7 @@ Sizes are ``(width, height)`` throughout, as image files state them; torchvision
 from __future__ import annotations
 
 import math
-import numbers
 import os
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,141 +29,21 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import query_size
 
-from trainloop.data.carvana_files import (
-    COMPETITION,
-    Layout,
-    car_id_of,
-    check_layout,
-    fetch_kaggle,
-    has_carvana_files,
-    kaggle_file_names,
-    unpack,
-)
-from trainloop.data.carvana_synthetic import (
-    SyntheticCar,
-    ensure_data,
-    generate_dataset,
-    render_view,
-)
-from trainloop.data.seeding import SetDataEpoch, seeded_loader
+from trainloop.data.seeding import seeded_loader
 from trainloop.errors import UsageError
 from trainloop.hookspecs import hookimpl
 
 __all__ = [
-    "COMPETITION",
     "CarvanaDataset",
-    "FloatImages",
     "DataFileError",
-    "Layout",
-    "SetDataEpoch",
+    "FloatImages",
     "SharedGridAffine",
-    "SyntheticCar",
-    "car_id_of",
-    "check_layout",
-    "check_size",
-    "ensure_data",
-    "fetch_kaggle",
-    "generate_dataset",
-    "has_carvana_files",
-    "kaggle_file_names",
     "make_loader",
     "read_jpeg",
     "read_mask",
-    "render_view",
     "resize_mask",
-    "split_by_car",
-    "unpack",
+    "training_loaders",
 ]
-
-
-def split_by_car(
-    ids: Sequence[str],
-    valid_size: float | int = 0.2,
-    sample_size: int | None = None,
-    seed: int = 0,
-) -> tuple[list[str], list[str]]:
-    """Split image ids into training and validation ids with no car on both sides.
-
-    The 16 views of a car are near duplicates, so a split by image would leak the
-    validation cars into training. ``valid_size`` is a fraction of the cars when a float
-    (``0.2``; at least one car when above 0) and a number of images when an int (``320``,
-    rounded down to whole cars, at least one car when above 0). ``sample_size``, when
-    given, first keeps about that many images (whole cars, at least one), for quick runs.
-    The same ``seed`` gives the same split whatever the order of ``ids``. Returns two
-    sorted lists.
-    """
-    if isinstance(valid_size, bool) or not isinstance(valid_size, numbers.Real):
-        raise UsageError(
-            f"valid_size {valid_size!r} must be a fraction like 0.2 or a number of images"
-        )
-    if isinstance(valid_size, numbers.Integral) and valid_size < 0:
-        raise UsageError(f"valid_size {valid_size} must not be negative")
-    if not isinstance(valid_size, numbers.Integral) and not 0.0 <= valid_size < 1.0:
-        raise UsageError(
-            f"valid_size {valid_size} must be a fraction in [0, 1) or a number of images"
-        )
-    if sample_size is not None and sample_size < 1:
-        raise UsageError(f"sample_size {sample_size} must be at least 1 image, or None for all")
-    images_of: dict[str, list[str]] = {}
-    for image_id in ids:
-        images_of.setdefault(car_id_of(image_id), []).append(image_id)
-    if not images_of:
-        raise UsageError("there are no training images to split: check the input folder")
-    cars = sorted(images_of)
-    random.Random(seed).shuffle(cars)
-
-    def leading_cars(image_count: int) -> list[str]:
-        """The first cars whose images add up to ``image_count`` at most (one car at least)."""
-        taken, total = [], 0
-        for car in cars:
-            if taken and total + len(images_of[car]) > image_count:
-                break
-            taken.append(car)
-            total += len(images_of[car])
-        return taken
-
-    if sample_size is not None:
-        cars = leading_cars(sample_size)
-    if valid_size == 0:
-        valid_cars = []
-    elif isinstance(valid_size, numbers.Integral):
-        valid_cars = leading_cars(int(valid_size))
-    else:
-        valid_cars = cars[: max(1, round(valid_size * len(cars)))]
-    if len(valid_cars) >= len(cars):
-        raise UsageError(
-            f"valid_size {valid_size} leaves no car for training out of {len(cars)}: "
-            f"use a smaller valid_size or more images"
-        )
-    valid_set = set(valid_cars)
-    train_ids = [image_id for car in cars if car not in valid_set for image_id in images_of[car]]
-    valid_ids = [image_id for car in valid_cars for image_id in images_of[car]]
-    return sorted(train_ids), sorted(valid_ids)
-
-
-def check_size(size: tuple[int, int], depth: int, name: str = "image size") -> None:
-    """Raise ``UsageError`` unless both sides of ``size`` = ``(width, height)`` divide by 2**depth.
-
-    A U-Net of ``depth`` halvings needs that. The message names the nearest valid sizes
-    above and below, e.g. "image size 250x170 is not divisible by 2^4=16: use 256x176 or
-    240x160".
-    """
-    width, height = size
-    step = 2**depth
-    if width % step == 0 and height % step == 0 and width > 0 and height > 0:
-        return
-    # Each side rounded up (to one step at least) and down to a multiple of the step.
-    up = (max(step, -(-width // step) * step), max(step, -(-height // step) * step))
-    down = (width // step * step, height // step * step)
-    choices = f"{up[0]}x{up[1]}"
-    if min(down) > 0 and down != up:
-        choices += f" or {down[0]}x{down[1]}"
-    if width <= 0 or height <= 0:
-        raise UsageError(
-            f"{name} {width}x{height}: each side must be a positive multiple of "
-            f"2^{depth}={step}: use {choices} or larger"
-        )
-    raise UsageError(f"{name} {width}x{height} is not divisible by 2^{depth}={step}: use {choices}")
 
 
 class DataFileError(UsageError):
@@ -442,6 +315,45 @@ def make_loader(
         drop_last=drop_last,
         persistent_workers=workers > 0,
     )
+
+
+def training_loaders(
+    input_dir: str | os.PathLike,
+    train_ids: Sequence[str],
+    valid_ids: Sequence[str],
+    size: tuple[int, int],
+    batch_size: int,
+    *,
+    augment: bool = True,
+    workers: int = 0,
+    pin_memory: bool = False,
+    seed: int = 0,
+) -> tuple[DataLoader, DataLoader | None]:
+    """The training loader (shuffled, augmented) and the validation loader (``None``
+    without validation ids) of a Carvana run, at ``size`` = ``(width, height)``.
+
+    Their batches are uint8 (a quarter of the bytes through the loaders): register
+    :class:`FloatImages` on the learner for float32 on the device. Order and augmentation
+    come from ``(seed, epoch)`` (:func:`make_loader`): exact resumes with any ``workers``.
+    """
+    train_data = make_loader(
+        CarvanaDataset(input_dir, train_ids, size, augment=augment, dtype=torch.uint8),
+        batch_size,
+        shuffle=True,
+        workers=workers,
+        pin_memory=pin_memory,
+        seed=seed,
+    )
+    valid_data = None
+    if valid_ids:
+        valid_data = make_loader(
+            CarvanaDataset(input_dir, valid_ids, size, dtype=torch.uint8),
+            batch_size,
+            workers=workers,
+            pin_memory=pin_memory,
+            seed=seed,
+        )
+    return train_data, valid_data
 
 
 class FloatImages:

@@ -34,7 +34,6 @@ __all__ = [
     "check_layout",
     "fetch_kaggle",
     "has_carvana_files",
-    "has_carvana_files",
     "kaggle_file_names",
     "unpack",
 ]
@@ -285,7 +284,9 @@ def check_layout(
     ``UsageError`` naming the first thing wrong.
     """
     input_dir = Path(input_dir)
-    get_data = "unzip train.zip there (trainloop.data.carvana.unpack) or generate a synthetic set"
+    get_data = (
+        "unzip train.zip there (trainloop.tasks.carvana.files.unpack) or generate a synthetic set"
+    )
     if not input_dir.is_dir():
         raise UsageError(
             f"{input_dir} does not exist: download the Carvana data there or {get_data}"
@@ -302,7 +303,7 @@ def check_layout(
     if not mask_names:
         raise UsageError(
             f"{train_dir} has {len(train_ids)} images but {masks_dir} has no masks: "
-            f"unzip train_masks.zip into {input_dir} (trainloop.data.carvana.unpack)"
+            f"unzip train_masks.zip into {input_dir} (trainloop.tasks.carvana.files.unpack)"
         )
     mask_ids = []
     for name in mask_names:
@@ -346,7 +347,7 @@ def check_layout(
     if require_test and not test_ids:
         raise UsageError(
             f"{test_dir} has no .jpg images: unzip test.zip into {input_dir} "
-            f"(trainloop.data.carvana.unpack)"
+            f"(trainloop.tasks.carvana.files.unpack)"
         )
     for image_id in test_ids:
         sizes.add(_image_size(test_dir / f"{image_id}.jpg", "JPEG image", "JPEG", decode))

@@ -1,11 +1,14 @@
-"""U-Net (Ronneberger et al., 2015) for binary segmentation such as Carvana's car masks."""
+"""U-Net (Ronneberger et al., 2015) for binary segmentation such as Carvana's car masks,
+and the image sizes it takes."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["UNet"]
+from trainloop.errors import UsageError
+
+__all__ = ["UNet", "check_size"]
 
 
 class DoubleConv(nn.Sequential):
@@ -94,3 +97,28 @@ class UNet(nn.Module):
         for block, skip in zip(self.up, reversed(skips), strict=True):
             features = block(features, skip)
         return self.head(features)
+
+
+def check_size(size: tuple[int, int], depth: int, name: str = "image size") -> None:
+    """Raise ``UsageError`` unless both sides of ``size`` = ``(width, height)`` divide by 2**depth.
+
+    A U-Net of ``depth`` halvings needs that. The message names the nearest valid sizes
+    above and below, e.g. "image size 250x170 is not divisible by 2^4=16: use 256x176 or
+    240x160".
+    """
+    width, height = size
+    step = 2**depth
+    if width % step == 0 and height % step == 0 and width > 0 and height > 0:
+        return
+    # Each side rounded up (to one step at least) and down to a multiple of the step.
+    up = (max(step, -(-width // step) * step), max(step, -(-height // step) * step))
+    down = (width // step * step, height // step * step)
+    choices = f"{up[0]}x{up[1]}"
+    if min(down) > 0 and down != up:
+        choices += f" or {down[0]}x{down[1]}"
+    if width <= 0 or height <= 0:
+        raise UsageError(
+            f"{name} {width}x{height}: each side must be a positive multiple of "
+            f"2^{depth}={step}: use {choices} or larger"
+        )
+    raise UsageError(f"{name} {width}x{height} is not divisible by 2^{depth}={step}: use {choices}")
