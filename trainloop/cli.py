@@ -284,38 +284,42 @@ def run(argv: list[str]) -> int:
     config = RunConfig(options, run_dir, recipe_path, cfg, manager, context)
     lock = RunLock(run_dir)
     aside: Path | None = None
-    try:
-        manager.hook.configure(config=config)
-        if config.is_main_process and (not resuming or options.resume == "auto"):
-            _check_fresh(run_dir, options)  # fail early, before the recipe loads its data
-        learner = _build(recipe, config, selection.plugins)
-        # Every check that can fail on input is done by now: the run folder is untouched.
-        manager.hook.check_run(config=config, learner=learner)
-        if config.is_main_process:
-            aside = _take_run_dir(run_dir, lock, options, resuming)
-            print(f"run folder: {run_dir}", flush=True)
-            _record_run(config, cfg, ["trainloop", "run", *argv])
-            if aside is not None:
-                print(f"--overwrite: the run it replaces is in {aside} until its first checkpoint")
-                learner.add_plugin(_ReplacedRun(aside), "cli.replaced-run", origin="cli")
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        learner.fit(options.epochs)
-        if callable(getattr(recipe, "predict", None)):
-            recipe.predict(learner, cfg)
-    except BaseException:
-        if options.out is None and config.is_main_process:
-            remove_if_unused(run_dir, made_here)
-        if aside is not None and aside.exists():
-            print(
-                f"trainloop: the run that --overwrite replaced is kept in {aside}", file=sys.stderr
-            )
-        raise
-    finally:
+    with current_run(context, manager):  # the run's context and manager, for recipe and plugins
         try:
-            manager.hook.unconfigure(config=config)
+            manager.hook.configure(config=config)
+            if config.is_main_process and (not resuming or options.resume == "auto"):
+                _check_fresh(run_dir, options)  # fail early, before the recipe loads its data
+            learner = _build(recipe, config, selection.plugins)
+            # Every check that can fail on input is done by now: the run folder is untouched.
+            manager.hook.check_run(config=config, learner=learner)
+            if config.is_main_process:
+                aside = _take_run_dir(run_dir, lock, options, resuming)
+                print(f"run folder: {run_dir}", flush=True)
+                _record_run(config, cfg, ["trainloop", "run", *argv])
+                if aside is not None:
+                    print(
+                        f"--overwrite: the run it replaces is in {aside} until its first checkpoint"
+                    )
+                    learner.add_plugin(_ReplacedRun(aside), "cli.replaced-run", origin="cli")
+            else:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            learner.fit(options.epochs)
+            if callable(getattr(recipe, "predict", None)):
+                recipe.predict(learner, cfg)
+        except BaseException:
+            if options.out is None and config.is_main_process:
+                remove_if_unused(run_dir, made_here)
+            if aside is not None and aside.exists():
+                print(
+                    f"trainloop: the run that --overwrite replaced is kept in {aside}",
+                    file=sys.stderr,
+                )
+            raise
         finally:
-            lock.release()
+            try:
+                manager.hook.unconfigure(config=config)
+            finally:
+                lock.release()
     if config.is_main_process:
         print(f"run folder: {run_dir}", flush=True)
     return 0
@@ -511,26 +515,27 @@ def predict(argv: list[str]) -> int:
     manager.hook.configure_context(context=context, options=options)
     config = RunConfig(options, Path(out), recipe_path, cfg, manager, context)
     lock = RunLock(config.run_dir)
-    try:
-        manager.hook.configure(config=config)
-        if config.is_main_process:
-            _check_fresh(config.run_dir, options)
-        learner = _build(recipe, config, selection.plugins)
-        _load_weights(learner, run_dir / MODEL_NAME)
-        if config.is_main_process:
-            _take_run_dir(config.run_dir, lock, options, resuming=False)
-            print(f"predictions of {run_dir / MODEL_NAME}: {config.run_dir}", flush=True)
-            _record_run(config, cfg, ["trainloop", "predict", *argv])
-        recipe.predict(learner, cfg)
-    except BaseException:
-        if options.out is None and config.is_main_process:
-            remove_if_unused(config.run_dir, made)
-        raise
-    finally:
+    with current_run(context, manager):  # the run's context and manager, for recipe and plugins
         try:
-            manager.hook.unconfigure(config=config)
+            manager.hook.configure(config=config)
+            if config.is_main_process:
+                _check_fresh(config.run_dir, options)
+            learner = _build(recipe, config, selection.plugins)
+            _load_weights(learner, run_dir / MODEL_NAME)
+            if config.is_main_process:
+                _take_run_dir(config.run_dir, lock, options, resuming=False)
+                print(f"predictions of {run_dir / MODEL_NAME}: {config.run_dir}", flush=True)
+                _record_run(config, cfg, ["trainloop", "predict", *argv])
+            recipe.predict(learner, cfg)
+        except BaseException:
+            if options.out is None and config.is_main_process:
+                remove_if_unused(config.run_dir, made)
+            raise
         finally:
-            lock.release()
+            try:
+                manager.hook.unconfigure(config=config)
+            finally:
+                lock.release()
     return 0
 
 
@@ -617,8 +622,7 @@ def _build(recipe: Any, config: RunConfig, specs: list[str]) -> Learner:
     """
     from trainloop.learner import Learner
 
-    with current_run(config.context, config.plugin_manager):
-        learner = recipe.build(config.recipe_config)
+    learner = recipe.build(config.recipe_config)  # within current_run: it joins the run
     if not isinstance(learner, Learner):
         raise UsageError(
             f"recipe {config.recipe_path}: build(cfg) returned {type(learner).__name__}, "
