@@ -113,9 +113,20 @@ def _dispatch(argv: list[str]) -> int:
         add_help=False,
     )
     commands.add_parser("plugins", help="list the plugins, where they come from, their hooks")
-    if not argv or argv[0] not in ("run", "predict", "plugins"):
+    commands.add_parser(
+        "check-resume",
+        help="kill a recipe's run, resume it, compare bit for bit: trainloop check-resume RECIPE.py",
+        add_help=False,
+    )
+    if not argv or argv[0] not in ("run", "predict", "plugins", "check-resume"):
         parser.parse_args(argv or ["--help"])
-        raise UsageError(f"unknown command {argv[0]!r}: use 'run', 'predict' or 'plugins'")
+        raise UsageError(
+            f"unknown command {argv[0]!r}: use 'run', 'predict', 'plugins' or 'check-resume'"
+        )
+    if argv[0] == "check-resume":
+        from trainloop.check_resume import main as check_resume
+
+        return check_resume(argv[1:])
     if argv[0] == "plugins":
         return list_plugins(argv[1:])
     if argv[0] == "predict":
