@@ -194,7 +194,8 @@ class ResumeReport:
 
 
 def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" + ("" if number == 1 else "s")
+    plural = noun + ("es" if noun.endswith("ch") else "s")
+    return f"{number} {noun if number == 1 else plural}"
 
 
 def _resumed(kill: KillResult) -> str:
@@ -392,8 +393,8 @@ def _kill_points(reference: _Records, kills: int, seed: int, recipe: str, every:
                 "(drop -p no:checkpoint)"
             )
         raise UsageError(
-            f"{recipe} trains {reference.steps} steps and checkpoints {len(batch_saves)} of "
-            f"them: a kill needs at least 2 checkpointed steps; raise --epochs, --steps or "
+            f"{recipe} trains {_count(reference.steps, 'step')} and checkpoints "
+            f"{len(batch_saves)} of them: a kill needs at least 2 checkpointed steps; raise --epochs, --steps or "
             f"the data, or lower --checkpoint-every ({every})"
         )
     first_save = min(step for (_, _, step) in reference.saves)
@@ -1020,7 +1021,7 @@ class ResumeProbe:
         if step == self.kill_at:
             self.file.close()
             os.kill(os.getpid(), signal.SIGKILL)
-        if step == self.stop_at:
+        if step == self.stop_at and not _last_batch_of_fit(learner):
             learner.should_stop = True
             self.stopped = True
 
@@ -1049,6 +1050,15 @@ class ResumeProbe:
         attributes = _plugin_attributes(learner, self)
         self.write("end", step=learner.step, stopped=self.stopped, attributes=attributes)
         self.file.close()
+
+
+def _last_batch_of_fit(learner: Any) -> bool:
+    """Whether this training batch is the run's last anyway (then ``fit`` ends by itself)."""
+    try:
+        batches = len(learner.train_data)
+    except TypeError:
+        return False
+    return learner.epoch + 1 >= learner.epochs and learner.iteration + 1 >= batches
 
 
 def _rng_fingerprints(learner: Any) -> dict[str, str | None]:
