@@ -966,8 +966,8 @@ class ResumeProbe:
     It reads what to do from the ``TRAINLOOP_CHECK_RESUME`` environment variable (a
     JSON object: ``records``, the file to append to; ``kill_at``, the training batch at
     whose end to SIGKILL its own process, before that batch's checkpoint is written;
-    ``stop_at``, the batch after which ``fit`` stops; ``tail``, to stop that many
-    batches into the second epoch instead). It appends one JSON line per training
+    ``stop_at``, the batch after which ``fit`` stops, after its epoch's end if it is
+    the epoch's last; ``tail``, to stop that many batches into the second epoch). It appends one JSON line per training
     batch (fingerprints of the batch and of the RNG states before it, and the loss),
     one per checkpoint written (a fingerprint of each of its parts) and one when
     ``fit`` ends (the fingerprints of the plugins' plain attributes). It loads only
@@ -986,6 +986,7 @@ class ResumeProbe:
         self.stop_at: int | None = settings.get("stop_at")
         self.tail: int | None = settings.get("tail")
         self.stopped = False
+        self.stop_after_epoch = False
         self.file: Any = None
         self.pending: dict[str, Any] = {}
 
@@ -1021,11 +1022,17 @@ class ResumeProbe:
         if step == self.kill_at:
             self.file.close()
             os.kill(os.getpid(), signal.SIGKILL)
-        if step == self.stop_at and not _last_batch_of_fit(learner):
-            learner.should_stop = True
-            self.stopped = True
+        if step == self.stop_at:
+            last_of_epoch = _last_batch_of_epoch(learner)
+            if not (last_of_epoch and learner.epoch + 1 >= learner.epochs):  # else fit ends
+                self.stopped = True
+                # At an epoch's last batch, stop after its end: validation, metrics, checkpoint.
+                self.stop_after_epoch = last_of_epoch
+                learner.should_stop = not last_of_epoch
 
     def on_epoch_end(self, learner: Any) -> None:
+        if self.stop_after_epoch:
+            learner.should_stop = True
         if self.tail and self.stop_at is None:
             self.stop_at = learner.step + min(learner.step, self.tail)
 
@@ -1052,13 +1059,13 @@ class ResumeProbe:
         self.file.close()
 
 
-def _last_batch_of_fit(learner: Any) -> bool:
-    """Whether this training batch is the run's last anyway (then ``fit`` ends by itself)."""
+def _last_batch_of_epoch(learner: Any) -> bool:
+    """Whether this training batch is its epoch's last (``False`` when the data has no length)."""
     try:
         batches = len(learner.train_data)
     except TypeError:
         return False
-    return learner.epoch + 1 >= learner.epochs and learner.iteration + 1 >= batches
+    return learner.iteration + 1 >= batches
 
 
 def _rng_fingerprints(learner: Any) -> dict[str, str | None]:

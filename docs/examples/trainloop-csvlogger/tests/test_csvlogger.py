@@ -11,6 +11,7 @@ import torch
 from trainloop_csvlogger import CSVLogger, add_options, configure
 
 from trainloop import Learner, PluginManager, RunConfig
+from trainloop.check_resume import check_resume
 
 
 def tiny_learner(*plugins: object) -> Learner:
@@ -101,3 +102,18 @@ def test_processes_that_do_not_write_files_register_no_writer(tmp_path):
     config.context.rank = 1  # a process other than the first of a distributed run
     configure(config)
     assert config.plugin_manager.get_plugin("csvlogger.writer") is None
+
+
+def test_a_run_killed_and_resumed_writes_the_csv_of_a_run_never_stopped(tmp_path):
+    # Real runs of tiny_learner with the installed plugin: one never stopped, one killed
+    # with SIGKILL after the first epoch and resumed; metrics.csv must be the same bytes.
+    report = check_resume(
+        tiny_learner,
+        ["-p", "csvlogger", "--epochs", "3"],
+        kills=1,
+        compare_files=["metrics.csv"],
+        work_dir=tmp_path / "check",
+    )
+    assert report.identical, report.format()
+    rows = read_rows(tmp_path / "check" / "kill-1" / "metrics.csv")
+    assert [row["epoch"] for row in rows] == ["0", "1"]  # the check's 4 steps: two epochs
