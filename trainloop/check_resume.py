@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainloop.errors import UsageError
+from trainloop.errors import Stopped, UsageError
 from trainloop.hookspecs import hookimpl
 
 __all__ = ["KillResult", "ResumeProbe", "ResumeReport", "check_resume", "fingerprint", "main"]
@@ -300,9 +301,13 @@ def check_resume(
                 lambda numbered: runner.kill_and_resume(*numbered, reference, compare_files),
                 enumerate(points, start=1),
             )
-            for result in results:
-                report.kills.append(result)
-                say(result.row())
+            try:
+                for result in results:
+                    report.kills.append(result)
+                    say(result.row())
+            except BaseException:
+                runner.cancel()
+                raise
         report.seconds = time.monotonic() - started
         for line in report.footer():
             say(line)
@@ -325,6 +330,11 @@ def _check_arguments(
         raise UsageError(f"--jobs {jobs}: give 1 or more")
     for option in options:
         name = option.split("=", 1)[0]
+        if name == "--checkpoint-every":
+            raise UsageError(
+                f"{name} in the recipe options: give it as the check's own "
+                "(checkpoint_every=N); the check passes it to every run"
+            )
         if name in _RUN_FOLDER_OPTIONS:
             raise UsageError(
                 f"{name}: check-resume chooses the run folders and resumes itself; drop it "
@@ -387,7 +397,7 @@ def _kill_points(reference: _Records, kills: int, seed: int, recipe: str, every:
     """The steps to kill at, drawn with ``seed``: each has a checkpoint before it."""
     batch_saves = sorted({step for (_, iteration, step) in reference.saves if iteration})
     if len(batch_saves) < 2:
-        if not reference.saves:
+        if reference.steps >= 2 and not reference.saves:
             raise UsageError(
                 f"{recipe} wrote no checkpoint: check-resume needs the checkpoint plugin "
                 "(drop -p no:checkpoint)"
@@ -448,6 +458,9 @@ class _Runner:
         self.work = work
         self.timeout = timeout
         self.stop_at: int | None = None
+        self.live: set[subprocess.Popen] = set()  # the runs going on, to stop on Ctrl-C
+        self.lock = threading.Lock()
+        self.cancelled = False
 
     def command(self, out: Path, resume: bool = False) -> list[str]:
         command = [sys.executable, "-m", "trainloop", "run", self.recipe, *self.options]
@@ -462,14 +475,18 @@ class _Runner:
         started = time.monotonic()
         log = self.work / name
         with open(f"{log}.out", "wb") as stdout, open(f"{log}.err", "wb") as stderr:
-            # A session of its own: the DataLoader workers of a killed run go with it.
-            process = subprocess.Popen(
-                self.command(out, resume),
-                stdout=stdout,
-                stderr=stderr,
-                env=environment,
-                start_new_session=True,
-            )
+            with self.lock:
+                if self.cancelled:
+                    raise RuntimeError("check-resume was stopped")
+                # A session of its own: the DataLoader workers of a killed run go with it.
+                process = subprocess.Popen(
+                    self.command(out, resume),
+                    stdout=stdout,
+                    stderr=stderr,
+                    env=environment,
+                    start_new_session=True,
+                )
+                self.live.add(process)
             try:
                 returncode = process.wait(self.timeout)
             except subprocess.TimeoutExpired:
@@ -481,8 +498,19 @@ class _Runner:
             except BaseException:
                 _kill_group(process)
                 raise
-            _kill_group(process)
+            finally:
+                with self.lock:
+                    self.live.discard(process)
+            if returncode < 0:  # killed: its DataLoader workers may still be there
+                _kill_group(process)
         return _Finished(returncode, time.monotonic() - started, Path(f"{log}.err").read_text())
+
+    def cancel(self) -> None:
+        """Stop every run now (Ctrl-C), and start no other."""
+        with self.lock:
+            self.cancelled = True
+            for process in self.live:
+                _kill_group(process)
 
     def reference(self, steps: int | None, name: str) -> _Records:
         out = self.work / "uninterrupted"
@@ -1019,6 +1047,7 @@ class ResumeProbe:
             loss=loss,
             **self.pending,
         )
+        self.pending = {}
         if step == self.kill_at:
             self.file.close()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -1173,16 +1202,27 @@ def main(argv: Sequence[str]) -> int:
             return 0
         raise UsageError("give a recipe: trainloop check-resume RECIPE.py [options]")
     known, recipe_options = parser.parse_known_args(argv[1:])
-    report = check_resume(
-        argv[0],
-        recipe_options,
-        kills=known.kills,
-        steps=known.steps,
-        kill_seed=known.kill_seed,
-        checkpoint_every=known.checkpoint_every,
-        compare_files=known.compare,
-        jobs=known.jobs,
-        work_dir=known.work_dir,
-        echo=lambda line: print(line, flush=True),
-    )
+    # SIGTERM stops the check as Ctrl-C does: its runs, in sessions of their own, with it.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None
+    try:
+        report = check_resume(
+            argv[0],
+            recipe_options,
+            kills=known.kills,
+            steps=known.steps,
+            kill_seed=known.kill_seed,
+            checkpoint_every=known.checkpoint_every,
+            compare_files=known.compare,
+            jobs=known.jobs,
+            work_dir=known.work_dir,
+            echo=lambda line: print(line, flush=True),
+        )
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0 if report.identical else 1
+
+
+def _stop(number: int, frame: Any) -> None:
+    raise Stopped(number)
