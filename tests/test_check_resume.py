@@ -8,6 +8,7 @@ tests then read their reports.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import os
 import subprocess
 import sys
@@ -17,7 +18,15 @@ import pytest
 import torch
 from conftest import ROOT
 
-from trainloop.check_resume import PROBE_SPEC, ResumeReport, _kill_points, _Records, check_resume
+from trainloop.check_resume import (
+    PROBE_SPEC,
+    KillResult,
+    ResumeReport,
+    _compare,
+    _kill_points,
+    _Records,
+    check_resume,
+)
 from trainloop.check_resume import fingerprint as content_print
 from trainloop.cli import main
 from trainloop.data.carvana import generate_dataset
@@ -319,3 +328,81 @@ def test_kill_points_come_from_the_seed_have_a_checkpoint_before_and_one_is_afte
     assert len(set(points)) == 3 and all(2 <= point <= 30 for point in points)
     assert any(point > 20 for point in points)
     assert _kill_points(records, 40, seed=0, recipe="r.py", every=1)[-1] <= 30  # more than steps
+
+
+def _run_folders(tmp_path: Path) -> tuple[Path, Path]:
+    """Two run folders with the same final checkpoint and metrics."""
+    folders = tmp_path / "uninterrupted", tmp_path / "kill-1"
+    for folder in folders:
+        (folder / "checkpoints").mkdir(parents=True)
+        torch.save({"model": {"w": torch.ones(2)}}, folder / "checkpoints" / "last.pt")
+        (folder / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    return folders
+
+
+def _compared(tmp_path: Path, change) -> KillResult:
+    """Compare a killed (at step 5) and resumed run with ``change(killed, resumed)`` applied."""
+    reference = _records(steps=8, batches_per_epoch=4)
+    for step, batch in reference.batches.items():
+        batch.update(batch=f"b{step}", rng={"torch": f"r{step}"}, loss=1.0 / step)
+    killed, resumed = copy.deepcopy(reference), copy.deepcopy(reference)
+    killed.batches = {step: batch for step, batch in killed.batches.items() if step <= 5}
+    killed.saves = {key: parts for key, parts in killed.saves.items() if key[2] < 5}
+    resumed.start = {"step": 4}
+    resumed.batches = {step: batch for step, batch in resumed.batches.items() if step > 4}
+    resumed.saves = {key: parts for key, parts in resumed.saves.items() if key[2] > 4}
+    folders = _run_folders(tmp_path)
+    change(killed, resumed)
+    result = KillResult(number=1, kill_step=5, resumed_from=4)
+    _compare(result, reference, [killed, resumed], *folders, ())
+    return result
+
+
+def test_the_same_records_and_state_are_identical(tmp_path):
+    result = _compared(tmp_path, lambda killed, resumed: None)
+    assert result.identical and result.culprit is None
+
+
+def test_a_difference_before_the_kill_means_the_run_is_not_reproducible(tmp_path):
+    def change(killed, resumed):
+        killed.batches[3]["loss"] = 0.5
+
+    result = _compared(tmp_path, change)
+    assert not result.identical
+    assert result.first_difference == "step 3 (epoch 1, batch 3): the loss"
+    assert result.culprit.startswith("the run is not reproducible: before its kill")
+
+
+def test_a_different_rng_state_before_the_same_batch_blames_the_random_numbers(tmp_path):
+    def change(killed, resumed):
+        resumed.batches[6]["rng"] = {"torch": "other"}
+        resumed.batches[6]["loss"] = 0.5
+
+    result = _compared(tmp_path, change)
+    assert (
+        result.first_difference == "step 6 (epoch 2, batch 2): the torch RNG state before the batch"
+    )
+    assert result.first_loss_step == 6 and result.first_batch_step is None
+    assert result.culprit.startswith("the torch RNG state differs before a batch that is the same")
+
+
+def test_a_plugins_checkpoint_part_that_differs_first_names_the_plugin(tmp_path):
+    def change(killed, resumed):
+        resumed.saves[(1, 2, 6)] = {"warmup": "other"}
+
+    result = _compared(tmp_path, change)
+    assert (
+        result.first_difference
+        == "step 6 (epoch 2, batch 2): the checkpoint's plugin state 'warmup'"
+    )
+    assert result.culprit.startswith("the plugin state 'warmup' in the checkpoint differs")
+
+
+def test_a_file_that_differs_only_at_the_end_is_named(tmp_path):
+    def change(killed, resumed):
+        (tmp_path / "kill-1" / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 0}\n')
+
+    result = _compared(tmp_path, change)
+    assert result.first_difference is None
+    assert result.differences == ["metrics.jsonl: 2 lines, the run never stopped has 1"]
+    assert result.culprit.startswith("metrics.jsonl: 2 lines")

@@ -1,4 +1,4 @@
-"""check-resume: kill a recipe's run with SIGKILL, resume it, and compare it bit for bit with a run never stopped."""
+"""check-resume: kill a run with SIGKILL, resume it, compare it bit for bit with one never stopped."""
 
 from __future__ import annotations
 
