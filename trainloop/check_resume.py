@@ -26,6 +26,7 @@ import torch
 
 from trainloop.errors import Stopped, UsageError
 from trainloop.hookspecs import hookimpl
+from trainloop.state import capture_rng_state
 
 __all__ = ["KillResult", "ResumeProbe", "ResumeReport", "check_resume", "fingerprint", "main"]
 
@@ -1098,20 +1099,8 @@ def _last_batch_of_epoch(learner: Any) -> bool:
 
 
 def _rng_fingerprints(learner: Any) -> dict[str, str | None]:
-    states: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    data = learner.train_data
-    batch_sampler = getattr(data, "batch_sampler", None)
-    owners = (data, getattr(data, "sampler", None), batch_sampler)
-    generators = [getattr(owner, "generator", None) for owner in owners]
-    generators = [generator for generator in generators if isinstance(generator, torch.Generator)]
-    if generators:
-        states["data"] = [generator.get_state() for generator in generators]
+    """A fingerprint of each RNG state a checkpoint saves (``python``, ``torch``, ...)."""
+    states = capture_rng_state(learner.train_data)
     return {name: fingerprint(state) for name, state in states.items()}
 
 
