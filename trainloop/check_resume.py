@@ -1150,7 +1150,9 @@ def main(argv: Sequence[str]) -> int:
         "where a resume differs. Options that are not the check's go to every run.",
         allow_abbrev=False,
     )
-    parser.add_argument("--kills", type=int, default=3, metavar="K", help="kills (default: 3)")
+    parser.add_argument(
+        "--kills", type=int, default=3, metavar="K", help="killed-and-resumed runs (default: 3)"
+    )
     parser.add_argument(
         "--steps",
         type=int,
