@@ -29,8 +29,8 @@ from trainloop.check_resume import (
 )
 from trainloop.check_resume import fingerprint as content_print
 from trainloop.cli import main
-from trainloop.data.carvana import generate_dataset
-from trainloop.data.mnist import write_idx_files
+from trainloop.tasks.carvana.synthetic import generate_dataset
+from trainloop.tasks.mnist.data import write_idx_files
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
