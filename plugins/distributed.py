@@ -115,9 +115,31 @@ def init_process_group(backend: str = "auto", device: torch.device | None = None
         backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    attempt = _attempt_on_one_machine()
+    if attempt is None:
+        dist.init_process_group(backend=backend)
+    else:
+        # torchrun keeps one store across its restarts, holding the addresses of the
+        # processes it killed: a restarted process could read one of those and fail to
+        # connect ("Connection refused"), which costs another restart. Keys of its own.
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"trainloop/attempt_{attempt}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     atexit.register(destroy_process_group)  # also when a run ends before unconfigure
     return True
+
+
+def _attempt_on_one_machine() -> str | None:
+    """torchrun's restart count, when it is the same for every process of the group.
+
+    That is when torchrun's own store serves one machine's processes; across machines
+    each torchrun counts its own restarts, so ``None`` (as outside torchrun).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if os.environ.get("GROUP_WORLD_SIZE") != "1":
+        return None
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT")
 
 
 def destroy_process_group() -> None:
