@@ -6,11 +6,16 @@ See docs/plugins/interrupt.md. On by default (``-p no:interrupt`` turns it off).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import os
+import select
 import signal
+import socket
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any
@@ -25,6 +30,7 @@ FIRST_LINE = (
     "Ctrl-C again to quit now"
 )
 DEFAULT_STOP_SIGNALS = "SIGTERM,SIGUSR1"
+DEFAULT_STOP_TIMEOUT = 60.0
 AGREEMENT_NAME = "interrupt.agreement"
 
 
@@ -46,6 +52,15 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         help="under torchrun, agree on a stop across the processes every N training batches "
         "(default: 10)",
     )
+    group.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=DEFAULT_STOP_TIMEOUT,
+        metavar="SECONDS",
+        help="after a stop signal, a run that finishes no batch for SECONDS is stuck (in a "
+        "collective whose peer died, say) and ends at once by the signal, without a checkpoint "
+        f"(default: {DEFAULT_STOP_TIMEOUT:g}; 0: wait for ever)",
+    )
 
 
 @hookimpl
@@ -55,10 +70,16 @@ def configure(config: RunConfig) -> None:
         raise UsageError(
             f"--stop-check-every {options.stop_check_every}: give a number of batches, 1 or more"
         )
+    if not options.stop_timeout >= 0:
+        raise UsageError(
+            f"--stop-timeout {options.stop_timeout:g}: give a number of seconds, 0 or more "
+            "(0: wait for ever)"
+        )
     plugin = Interrupt(
         announce=config.is_main_process,
         stop_signals=parse_signals(options.stop_signals),
         check_every=options.stop_check_every,
+        stop_timeout=options.stop_timeout,
     )
     config.plugin_manager.register(plugin, "interrupt.handler")
 
@@ -106,6 +127,10 @@ class Interrupt:
         check_every: in a distributed run, every how many training batches the
             processes agree on whether any of them got a signal (one ``all_reduce`` of
             one number), so that they all stop after the same batch.
+        stop_timeout: seconds without a finished batch after a stop signal (or the first
+            Ctrl-C) after which the run counts as stuck, typically in a collective whose
+            peer died, and the signal takes its default action: the process ends at once,
+            with no checkpoint. ``0``: wait for ever.
 
     Attributes:
         requested: the signal that asked for the stop in the current ``fit``, or ``None``.
@@ -117,12 +142,16 @@ class Interrupt:
         announce: bool = True,
         stop_signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1),
         check_every: int = 10,
+        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
     ) -> None:
         if check_every < 1:
             raise ValueError(f"Interrupt(check_every={check_every}): give 1 or more")
+        if not stop_timeout >= 0:
+            raise ValueError(f"Interrupt(stop_timeout={stop_timeout}): give 0 or more seconds")
         self.announce = announce
         self.stop_signals = tuple(stop_signals)
         self.check_every = check_every
+        self.stop_timeout = stop_timeout
         self.requested: signal.Signals | None = None
         self.path: Any = None
         self._learner: Learner | None = None
@@ -130,6 +159,7 @@ class Interrupt:
         self._pid = 0
         self._distributed = False
         self._pending: tuple[Any, Any] | None = None  # the all_reduce of the last check
+        self._watchdog: _Watchdog | None = None
 
     def on_fit_begin(self, learner: Learner) -> None:
         self.requested = None
@@ -145,6 +175,10 @@ class Interrupt:
         self._pid = os.getpid()
         for number in (signal.SIGINT, *self.stop_signals):
             self._previous[number] = signal.signal(number, self._on_signal)
+        if self.stop_timeout > 0:
+            self._watchdog = _Watchdog(self, learner)
+            if not self._watchdog.start():
+                self._watchdog = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self._pid:
@@ -226,6 +260,9 @@ class Interrupt:
         write_json_atomic(learner.run_dir / STOP_FILE, record)
 
     def _restore(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         for number, previous in self._previous.items():
             signal.signal(number, previous)
         self._previous = {}
@@ -240,6 +277,99 @@ class Interrupt:
             os.write(sys.stderr.fileno(), data)
         except (AttributeError, OSError, ValueError):  # a stream without a file (tests)
             sys.stderr.write(line + "\n")
+
+
+class _Watchdog:
+    """Ends the process by a stop signal's default action when the run is stuck after it.
+
+    A main thread blocked in C code (a collective waiting for a process that died) cannot
+    run Python's signal handlers, so the signal alone would change nothing until a
+    SIGKILL. But Python writes each signal's number to the wakeup fd at once, whatever
+    the main thread does: this thread reads it there and then, once a second, looks
+    whether a batch has finished (the learner's counters); after ``stop_timeout`` seconds
+    without one, it ends the process. Nothing runs per batch.
+    """
+
+    def __init__(self, interrupt: Interrupt, learner: Learner) -> None:
+        self.interrupt = interrupt
+        self.learner: Learner | None = learner
+        self.watched = {int(signal.SIGINT), *map(int, interrupt.stop_signals)}
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        self._thread = threading.Thread(target=self._watch, name="trainloop-stop-watchdog")
+        self._thread.daemon = True
+
+    def start(self) -> bool:
+        """Watch (call from the main thread); ``False`` if the wakeup fd is taken."""
+        previous = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        if previous != -1:  # an event loop's (asyncio): leave it to its owner
+            signal.set_wakeup_fd(previous)
+            self._close()
+            return False
+        forget = weakref.WeakMethod(self._forget_in_child)
+        os.register_at_fork(after_in_child=lambda: (method := forget()) and method())
+        self._thread.start()
+        return True
+
+    def stop(self) -> None:
+        """Stop watching (call from the main thread)."""
+        signal.set_wakeup_fd(-1)
+        self._writer.send(b"\0")  # no signal has the number 0: the thread's cue to end
+        self._thread.join()
+        self._close()
+        self.learner = None
+
+    def _forget_in_child(self) -> None:
+        # A forked DataLoader worker inherits the wakeup fd: its signals are not the run's.
+        if self.learner is not None:
+            try:
+                signal.set_wakeup_fd(-1)
+            except ValueError:  # forked from another thread than the main one
+                pass
+
+    def _close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+    def _progress(self) -> tuple[Any, ...]:
+        learner = self.learner
+        return (learner.epoch, learner.training, learner.iteration, learner.step)
+
+    def _watch(self) -> None:
+        timeout = self.interrupt.stop_timeout
+        signum = None
+        while True:
+            poll = None if signum is None else min(1.0, timeout)
+            if select.select([self._reader], [], [], poll)[0]:
+                received = self._reader.recv(64)
+                if 0 in received:
+                    return
+                if signum is None:
+                    signum = next((n for n in received if n in self.watched), None)
+                    progress, since = self._progress(), time.monotonic()
+            if signum is None:
+                continue
+            if self._progress() != progress:
+                progress, since = self._progress(), time.monotonic()
+            elif time.monotonic() - since >= timeout:
+                self.interrupt._say(
+                    f"trainloop: {signal.Signals(signum).name}: no batch finished in "
+                    f"{timeout:g}s (stuck waiting for another process?); ending now, without "
+                    "a checkpoint"
+                )
+                _end_by(signum)
+
+
+def _end_by(signum: int) -> None:
+    """End this process by the signal's default action, from any thread."""
+    try:  # signal.signal works only in the main thread, and that is the stuck one
+        libc = ctypes.CDLL(None)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal(signum, ctypes.c_void_p(0))  # SIG_DFL
+    except (OSError, AttributeError):
+        pass
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # only where the signal's default action could not be had
 
 
 class _StopAgreement:
