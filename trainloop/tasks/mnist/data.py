@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
 from trainloop.errors import UsageError
 
@@ -64,6 +63,8 @@ def load_mnist(
         >>> train_x.shape, train_y.dtype  # doctest: +SKIP
         (torch.Size([60000, 784]), torch.int64)
     """
+    import torchvision  # here, not at the top: it takes seconds (torch._dynamo with it)
+
     data_dir = Path(data_dir).expanduser()
     raw_dir = data_dir / "MNIST" / "raw"
     _decompress_lone_gz_files(raw_dir)
@@ -162,6 +163,8 @@ def _decompress_lone_gz_files(raw_dir: Path) -> None:
 
 
 def _download(data_dir: Path) -> None:
+    import torchvision
+
     raw_dir = data_dir / "MNIST" / "raw"
     previous_timeout = socket.getdefaulttimeout()
     if previous_timeout is None:
