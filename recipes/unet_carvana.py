@@ -39,12 +39,6 @@ import torch
 from trainloop import Learner, UsageError
 from trainloop.context import pin_memory_default, run_context
 from trainloop.data.seeding import SetDataEpoch, seeded_rng
-from trainloop.tasks.carvana.dataset import (
-    CarvanaDataset,
-    FloatImages,
-    make_loader,
-    training_loaders,
-)
 from trainloop.tasks.carvana.files import check_layout, has_carvana_files
 from trainloop.tasks.carvana.losses import bce_dice_loss
 from trainloop.tasks.carvana.losses import dice as dice_score
@@ -165,6 +159,9 @@ def wants_synthetic(cfg: Config) -> bool:
 
 
 def build(cfg: Config) -> Learner:
+    # Here, not at the top: torchvision takes seconds to import, and --help needs none of it.
+    from trainloop.tasks.carvana.dataset import FloatImages, training_loaders
+
     _check(cfg)
     _say(
         prepare_input(
@@ -218,6 +215,8 @@ def build(cfg: Config) -> Learner:
 
 def predict(learner: Learner, cfg: Config) -> None:
     """Predict every test photo into ``RUN_DIR/submit.csv.gz``, one row at a time."""
+    from trainloop.tasks.carvana.dataset import CarvanaDataset, make_loader
+
     if not cfg.predict or not learner.context.is_main_process:
         return
     test_set = CarvanaDataset(

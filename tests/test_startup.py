@@ -10,7 +10,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 # The console script's own code, then the names in sys.modules, also after a SystemExit.
@@ -47,9 +49,11 @@ def test_version_and_help_do_not_import_torch(tmp_path):
         assert "torch" not in modules, args
 
 
-def test_run_recipe_help_imports_neither_torchvision_nor_dynamo(tmp_path):
-    modules = modules_after("run", "recipes/mnist_mlp.py", "--help", tmp_path=tmp_path)
+@pytest.mark.parametrize("recipe", ["recipes/mnist_mlp.py", "recipes/unet_carvana.py"])
+def test_run_recipe_help_imports_neither_torchvision_nor_dynamo(recipe, tmp_path):
+    modules = modules_after("run", recipe, "--help", tmp_path=tmp_path)
 
+    assert f"trainloop_recipe_{Path(recipe).stem}" in modules  # the recipe was loaded
     assert "torch" in modules  # the recipe's model is a torch module
-    assert "torchvision" not in modules  # only once build() loads MNIST
+    assert "torchvision" not in modules  # only once build() loads the images
     assert "torch._dynamo" not in modules
