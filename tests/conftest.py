@@ -1,9 +1,12 @@
-"""Shared fixtures: small models and data that train in milliseconds."""
+"""Shared fixtures and helpers: small models and data that train in milliseconds, plugins
+that several test files use, the Carvana test set and the docs' example plugin packages."""
 
 from __future__ import annotations
 
 import functools
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainloop import Learner
+from trainloop import Learner, hookimpl
 
 ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "docs" / "examples"  # the example plugin packages the docs show
+CARVANA_PHOTO_SIZE = (72, 40)  # (width, height) of the generated photos: not square, not 1918x1280
 
 
 def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -57,6 +62,20 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
+def options_named_on_page(page: Path, pattern: str, capsys) -> set[str]:
+    """The options matching ``pattern`` that the docs ``page`` names, once it is checked
+    that ``trainloop run recipes/mnist_mlp.py --help`` lists each of them."""
+    from trainloop.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["run", str(ROOT / "recipes" / "mnist_mlp.py"), "--help"])
+    help_text = capsys.readouterr().out
+    named = set(re.findall(pattern, page.read_text()))
+    for option in sorted(named):
+        assert re.search(rf"{option}(?![\w-])", help_text), f"{page.name}: {option}"
+    return named
+
+
 @pytest.fixture
 def learner() -> Learner:
     return make_learner()
@@ -86,3 +105,79 @@ def write_tiny_recipe(folder: Path) -> Path:
     recipe = folder / "tiny.py"
     recipe.write_text(TINY_RECIPE)
     return recipe
+
+
+# --- plugins ---------------------------------------------------------------------------
+
+
+class AddScore:
+    """Adds ``score`` to the metrics at each epoch end, from a list, before the other plugins."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    @hookimpl(tryfirst=True)
+    def on_epoch_end(self, learner):
+        learner.metrics["score"] = self.scores[learner.epoch]
+
+
+BEACON = '''
+
+import time
+
+
+class Beacon:
+    """Prints a line after every training batch, so a test knows where the run is."""
+
+    def __init__(self, sleep):
+        self.sleep = sleep
+
+    def on_batch_end(self, learner):
+        if learner.training:
+            print(f"beacon step {learner.step + 1}", flush=True)
+            time.sleep(self.sleep)
+'''
+"""The source of a ``Beacon(sleep)`` plugin, for the recipes that tests write to files and
+run in another process: it prints ``beacon step N`` after training step N (from 1), then
+sleeps ``sleep`` seconds. Add it to the recipe's text."""
+
+
+# --- data sets and packages, made once per session ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def generated(tmp_path_factory) -> Path:
+    """A synthetic Carvana set of 2 training cars (one for validation) and 1 test car of
+    ``CARVANA_PHOTO_SIZE`` photos, shared read-only by the tests."""
+    from trainloop.tasks.carvana.synthetic import generate_dataset  # only where it is used
+
+    input_dir = tmp_path_factory.mktemp("carvana") / "input"
+    generate_dataset(input_dir, n_train_cars=2, n_test_cars=1, size=CARVANA_PHOTO_SIZE, seed=0)
+    return input_dir
+
+
+@pytest.fixture
+def input_dir(generated, tmp_path) -> Path:
+    """A private copy of the synthetic Carvana set ``generated``, for tests that break it."""
+    return Path(shutil.copytree(generated, tmp_path / "input"))
+
+
+@pytest.fixture(scope="session")
+def example_packages(tmp_path_factory) -> Path:
+    """The example plugin packages of ``docs/examples`` (trainloop-csvlogger), installed
+    offline with pip into a temporary folder: put it on the path to use them."""
+    work = tmp_path_factory.mktemp("examples")
+    target = work / "site-packages"
+    for package in sorted(EXAMPLES.iterdir()):
+        if not (package / "pyproject.toml").exists():
+            continue
+        source = work / package.name  # pip builds in place and leaves build/: build from a copy
+        shutil.copytree(package, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+             "--no-build-isolation", "--no-index", "--target", str(target), str(source)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )  # fmt: skip
+    return target

@@ -35,16 +35,11 @@ SIZE = (64, 40)  # (width, height): non-square on purpose
 
 @pytest.fixture(scope="session")
 def generated(tmp_path_factory) -> Path:
-    """A synthetic set of 3 training cars and 1 test car, shared read-only by the tests."""
-    input_dir = tmp_path_factory.mktemp("carvana") / "input"
+    """A synthetic set of 3 training cars and 1 test car, shared read-only by the tests
+    (conftest's ``input_dir`` copies it for the tests that break it)."""
+    input_dir = tmp_path_factory.mktemp("carvana-data") / "input"
     generate_dataset(input_dir, n_train_cars=3, n_test_cars=1, size=SIZE, seed=0)
     return input_dir
-
-
-@pytest.fixture
-def input_dir(generated, tmp_path) -> Path:
-    """A private copy of the synthetic set, for tests that break it."""
-    return Path(shutil.copytree(generated, tmp_path / "input"))
 
 
 def read_csv(path: Path) -> list[list[str]]:

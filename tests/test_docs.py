@@ -250,29 +250,10 @@ def included_files(code: str) -> list[Path] | None:
             for name in names]  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def example_packages(tmp_path_factory) -> Path:
-    """The example plugin packages, pip-installed (offline) into a temporary folder."""
-    work = tmp_path_factory.mktemp("examples")
-    target = work / "site-packages"
-    for package in sorted(EXAMPLES.iterdir()):
-        if not (package / "pyproject.toml").exists():
-            continue
-        source = work / package.name  # pip builds in place: build from a copy
-        shutil.copytree(package, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-             "--no-build-isolation", "--no-index", "--target", str(target), str(source)],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )  # fmt: skip
-    return target
-
-
 @pytest.fixture
 def docs_folder(tmp_path, monkeypatch, example_packages):
-    """A fresh working folder with the project's recipes and the example plugins."""
+    """A fresh working folder with the project's recipes and the example plugins
+    (conftest's ``example_packages``)."""
     (tmp_path / "recipes").symlink_to(ROOT / "recipes", target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(example_packages))  # their entry points are found too

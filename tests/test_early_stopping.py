@@ -7,24 +7,13 @@ import json
 import math
 
 import pytest
-from conftest import make_learner, write_tiny_recipe
+from conftest import AddScore, make_learner, write_tiny_recipe
 
-from trainloop import PluginManager, RunConfig, UsageError, hookimpl
+from trainloop import PluginManager, RunConfig, UsageError
 from trainloop.cli import main
 from trainloop.monitor import Monitor
 from trainloop.plugins import early_stopping
 from trainloop.plugins.early_stopping import EarlyStopping
-
-
-class AddScore:
-    """Adds ``score`` to the metrics at each epoch end, from a list."""
-
-    def __init__(self, scores):
-        self.scores = scores
-
-    @hookimpl(tryfirst=True)
-    def on_epoch_end(self, learner):
-        learner.metrics["score"] = self.scores[learner.epoch]
 
 
 class EpochEnds:

@@ -1,10 +1,10 @@
 """The third-party plugin story, end to end, with the example package in the docs.
 
 ``docs/examples/trainloop-csvlogger`` is installed offline with pip into a temporary
-folder, and ``trainloop`` runs in fresh processes that see it on ``PYTHONPATH``: exactly
-what a user gets after ``pip install trainloop-csvlogger``. The commands run
-concurrently (each spends most of its time importing torch); the tests then read
-their results.
+folder (conftest's ``example_packages``), and ``trainloop`` runs in fresh processes that
+see it on ``PYTHONPATH``: exactly what a user gets after ``pip install
+trainloop-csvlogger``. The commands run concurrently (each spends most of its time
+importing torch); the tests then read their results.
 """
 
 from __future__ import annotations
@@ -15,32 +15,14 @@ import importlib
 import inspect
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLES, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "docs" / "examples" / "trainloop-csvlogger"
-
-
-@pytest.fixture(scope="module")
-def site_packages(tmp_path_factory) -> Path:
-    """A folder where pip installed trainloop-csvlogger, offline."""
-    work = tmp_path_factory.mktemp("csvlogger")
-    source = work / "source"  # build from a copy: pip builds in place and leaves build/
-    shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    target = work / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--no-build-isolation", "--no-index", "--target", str(target), str(source)],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )  # fmt: skip
-    return target
+PACKAGE = EXAMPLES / "trainloop-csvlogger"
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +32,11 @@ def out(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(site_packages, out) -> dict[str, subprocess.CompletedProcess]:
+def runs(example_packages, out) -> dict[str, subprocess.CompletedProcess]:
     """The commands of a user who installed the plugin, by name, with their results."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.pop("TRAINLOOP_DISABLE_PLUGIN_AUTOLOAD", None)
-    env["PYTHONPATH"] = str(site_packages)
+    env["PYTHONPATH"] = str(example_packages)
     single_node = ["run", "recipes/single_node.py", "--epochs"]
     commands = {
         "plugins": (["plugins"], env),
@@ -146,16 +128,16 @@ def package_tests() -> list[str]:
 
 @pytest.mark.parametrize("name", package_tests())
 def test_the_packages_own_tests_pass_against_the_installed_plugin(
-    name, site_packages, tmp_path, monkeypatch
+    name, example_packages, tmp_path, monkeypatch
 ):
-    monkeypatch.syspath_prepend(str(site_packages))
+    monkeypatch.syspath_prepend(str(example_packages))
     monkeypatch.syspath_prepend(str(PACKAGE / "tests"))
     for module_name in ("test_csvlogger", "trainloop_csvlogger"):  # this install's copies
         monkeypatch.delitem(sys.modules, module_name, raising=False)
     module = importlib.import_module("test_csvlogger")
     import trainloop_csvlogger
 
-    assert Path(trainloop_csvlogger.__file__).parent == site_packages  # the installed copy
+    assert Path(trainloop_csvlogger.__file__).parent == example_packages  # the installed copy
     test = getattr(module, name)
     assert list(inspect.signature(test).parameters) in ([], ["tmp_path"]), name
     test(tmp_path) if inspect.signature(test).parameters else test()

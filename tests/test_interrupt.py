@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_learner
+from conftest import BEACON, make_learner
 
 from trainloop import Learner, cli
 from trainloop.plugins.checkpoint import Checkpoint
@@ -23,7 +23,6 @@ RECIPE = '''
 """An MLP with dropout on shuffled data that prints a line per batch, for Ctrl-C tests."""
 
 import functools
-import time
 from dataclasses import dataclass
 
 import torch
@@ -38,16 +37,6 @@ class Config:
     sleep: float = 0.0
 
 
-class Beacon:
-    def __init__(self, sleep):
-        self.sleep = sleep
-
-    def on_batch_end(self, learner):
-        if learner.training:
-            print(f"beacon step {learner.step + 1}", flush=True)
-            time.sleep(self.sleep)
-
-
 def build(cfg):
     inputs = torch.randn(96, 8, generator=torch.Generator().manual_seed(1))
     target = (inputs[:, 0] > 0).long()
@@ -57,6 +46,7 @@ def build(cfg):
     return Learner(model, data, DataLoader(TensorDataset(inputs[:16], target[:16]), batch_size=8),
                    optimizer=functools.partial(torch.optim.Adam, lr=0.01), plugins=[Beacon(cfg.sleep)])
 '''
+RECIPE += BEACON  # the Beacon(sleep) plugin build() adds
 STEPS = 4 * 12
 
 

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_learner, write_tiny_recipe
+from conftest import AddScore, make_learner, write_tiny_recipe
 from torch.optim.lr_scheduler import (
     CosineAnnealingLR,
     OneCycleLR,
@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
-from trainloop import PluginManager, RunConfig, UsageError, hookimpl
+from trainloop import PluginManager, RunConfig, UsageError
 from trainloop.cli import main
 from trainloop.monitor import Monitor
 from trainloop.plugins import lr_scheduler
@@ -85,17 +85,6 @@ def test_per_batch_steps_follow_optimizer_steps_under_gradient_accumulation():
     make_learner(plugins=[plugin, GradAccumulation(2), recorder], valid=False).fit(2)
     # 4 batches an epoch, 2 per step: 4 optimizer steps, the lr halves after each
     assert recorder.lrs == pytest.approx([0.1, 0.05, 0.025, 0.0125])
-
-
-class AddScore:
-    """Adds a fixed ``score`` metric at each epoch end, before the other plugins."""
-
-    def __init__(self, scores):
-        self.scores = scores
-
-    @hookimpl(tryfirst=True)
-    def on_epoch_end(self, learner):
-        learner.metrics["score"] = self.scores[learner.epoch]
 
 
 def test_plateau_decays_when_the_monitored_metric_stops_improving():

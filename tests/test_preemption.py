@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import BEACON
 
 from trainloop.cli import main
 from trainloop.plugins import distributed
@@ -27,22 +28,13 @@ from trainloop.run_folder import read_jsonl
 
 RECIPE = """
 from dataclasses import dataclass
-import functools, time, torch
+import functools, torch
 from trainloop import Learner
 
 @dataclass
 class Config:
     epochs: int = 3
     sleep: float = 0.0
-
-class Beacon:
-    def __init__(self, sleep):
-        self.sleep = sleep
-
-    def on_batch_end(self, learner):
-        if learner.training:
-            print(f"beacon step {learner.step + 1}", flush=True)
-            time.sleep(self.sleep)
 
 def build(cfg):
     generator = torch.Generator().manual_seed(7)
@@ -59,6 +51,7 @@ def build(cfg):
     return Learner(model, data, optimizer=functools.partial(torch.optim.Adam, lr=0.01),
                    plugins=[Beacon(cfg.sleep)])
 """
+RECIPE += BEACON  # the Beacon(sleep) plugin build() adds
 STEPS = 3 * 8
 
 

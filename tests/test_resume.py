@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import BEACON
 from torch.utils.data import DataLoader, Dataset
 
 from trainloop import Learner, cli
@@ -27,7 +28,6 @@ RECIPE = '''
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 
 import torch
@@ -56,18 +56,6 @@ class NoisyData(Dataset):
         return self.inputs[index] + 0.1 * torch.randn(8), self.target[index]
 
 
-class Beacon:
-    """Prints a line after every training batch, so a test knows where the run is."""
-
-    def __init__(self, sleep):
-        self.sleep = sleep
-
-    def on_batch_end(self, learner):
-        if learner.training:
-            print(f"beacon step {learner.step + 1}", flush=True)
-            time.sleep(self.sleep)
-
-
 def build(cfg):
     generator = torch.Generator().manual_seed(1234)
     inputs = torch.randn(96, 8, generator=generator)
@@ -84,6 +72,7 @@ def build(cfg):
         plugins=[Beacon(cfg.sleep)],
     )
 '''
+RECIPE += BEACON  # the Beacon(sleep) plugin build() adds
 STEPS = 4 * 12  # epochs x batches of 8 out of 96 samples
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import CARVANA_PHOTO_SIZE, ROOT
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision import tv_tensors
@@ -25,12 +25,11 @@ from trainloop.recipe import load_recipe
 from trainloop.tasks.carvana.dataset import resize_mask
 from trainloop.tasks.carvana.pictures import overlay_rows
 from trainloop.tasks.carvana.rle import rle_decode
-from trainloop.tasks.carvana.synthetic import generate_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
 RECIPE = str(ROOT / "recipes" / "unet_carvana.py")
-PHOTO_SIZE = (72, 40)  # (width, height) of the generated photos: not square, not 1918x1280
+PHOTO_SIZE = CARVANA_PHOTO_SIZE  # of conftest's generated set (fixtures generated, input_dir)
 TINY = ["--image-size", "32", "24", "--depth", "2", "--base-width", "4", "--epochs", "1"]
 
 
@@ -53,20 +52,6 @@ LEFT_HALF = LeftHalfPredictions()  # for -p test_unet_carvana:LEFT_HALF
 @pytest.fixture(autouse=True)
 def no_entry_points(monkeypatch):
     monkeypatch.setenv(DISABLE_AUTOLOAD, "1")
-
-
-@pytest.fixture(scope="session")
-def generated(tmp_path_factory) -> Path:
-    """2 training cars (one for validation) and 1 test car of 72x40 photos, read-only."""
-    input_dir = tmp_path_factory.mktemp("carvana") / "input"
-    generate_dataset(input_dir, n_train_cars=2, n_test_cars=1, size=PHOTO_SIZE, seed=0)
-    return input_dir
-
-
-@pytest.fixture
-def input_dir(generated, tmp_path) -> Path:
-    """A private copy of the generated set, for tests that break it."""
-    return Path(shutil.copytree(generated, tmp_path / "input"))
 
 
 def read_rows(path: Path) -> list[list[str]]:
