@@ -62,6 +62,12 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
+def implemented_hooks(learner: Learner, names) -> set[str]:
+    """Those of the hooks ``names`` that some plugin of ``learner`` implements (pluggy's
+    public ``get_hookimpls``)."""
+    return {name for name in names if getattr(learner.hook, name).get_hookimpls()}
+
+
 def options_named_on_page(page: Path, pattern: str, capsys) -> set[str]:
     """The options matching ``pattern`` that the docs ``page`` names, once it is checked
     that ``trainloop run recipes/mnist_mlp.py --help`` lists each of them."""

@@ -199,11 +199,28 @@ def test_outside_the_main_thread_no_handler_is_installed() -> None:
 
 def test_in_a_forked_child_the_handler_does_nothing() -> None:
     interrupt = Interrupt(announce=False)
-    learner = make_learner([interrupt])
-    interrupt.on_fit_begin(learner)
-    try:
-        interrupt._pid = -1  # as in a DataLoader worker forked from this process
-        interrupt._on_signal(signal.SIGINT, None)
-        assert learner.should_stop is False and interrupt.requested is None
-    finally:
-        interrupt._restore()
+
+    class ForkAndCtrlC:
+        """Forks during step 2, as a DataLoader starting its workers does; Ctrl-C in the
+        child (a terminal sends it to the whole process group) must leave it alone."""
+
+        child_status: int | None = None
+
+        def on_batch_begin(self, learner: Learner) -> None:
+            if not learner.training or learner.step != 1:
+                return
+            pid = os.fork()
+            if pid == 0:  # the child: report with the exit status, run nothing else
+                ignored = False
+                try:
+                    signal.raise_signal(signal.SIGINT)
+                    ignored = learner.should_stop is False and interrupt.requested is None
+                finally:
+                    os._exit(0 if ignored else 1)
+            self.child_status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    forker = ForkAndCtrlC()
+    learner = make_learner([interrupt, forker])
+    learner.fit(1)
+    assert forker.child_status == 0
+    assert interrupt.requested is None and learner.history  # the parent trained on

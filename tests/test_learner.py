@@ -214,18 +214,34 @@ def test_a_wrapper_runs_around_the_forward_step():
 
 
 def test_steps_only_the_core_implements_are_called_directly_not_through_pluggy():
+    through_pluggy = []  # pluggy's own call monitoring sees every hook called through it
     learner = make_learner()
-    assert learner._backward == learner._core.backward
-    assert learner._events == {}
+    undo = learner.plugin_manager.add_hookcall_monitoring(
+        lambda hook_name, hook_impls, kwargs: through_pluggy.append(hook_name),
+        lambda outcome, hook_name, hook_impls, kwargs: None,
+    )
+    learner.fit(1)
+    manager = learner.plugin_manager
+    core_steps = {caller.name for caller in manager.get_hookcallers(manager.get_plugin("core"))}
+    assert {"forward", "backward", "optimizer_step"} <= core_steps
+    assert through_pluggy  # the monitoring works: the set-up hooks go through pluggy
+    assert set(through_pluggy).isdisjoint(core_steps)
+    assert set(through_pluggy).isdisjoint(event_names())  # no plugin implements any
+
+    backward_calls = []
 
     class Owner:
         @hookimpl
         def backward(self, loss):
+            backward_calls.append(loss)
             loss.backward()
             return True
 
     learner.add_plugin(Owner())
-    assert learner._backward is learner.hook.backward
+    through_pluggy.clear()
+    learner.fit(1)
+    undo()
+    assert through_pluggy.count("backward") == len(backward_calls) == 4  # 4 batches an epoch
 
 
 def test_gradient_steps_can_be_skipped_with_should_step():
@@ -270,16 +286,25 @@ def test_optimizer_may_be_given_as_an_instance():
 
 
 def test_state_dict_round_trips_the_loop_counters_and_partial_train_loss():
-    learner = make_learner()
-    learner.fit(2)
-    learner.epoch, learner.iteration, learner.step = 1, 2, 6
-    learner._train_losses = [(torch.tensor(0.5), 16), (torch.tensor(0.25), 16)]
+    losses = []  # (loss, batch size) of each training batch
+
+    class StopAfterStep6:
+        def on_batch_end(self, learner):
+            if learner.training:
+                losses.append((learner.loss.item(), len(learner.batch[1])))
+                if learner.step + 1 == 6:
+                    raise StopFit
+
+    learner = make_learner([StopAfterStep6()])
+    learner.fit(2)  # 4 batches an epoch: it stops after epoch 1's second batch
     state = learner.state_dict()
     other = make_learner()
     other.load_state_dict(state)
     assert (other.epoch, other.iteration, other.step) == (1, 2, 6)
-    assert other.history == learner.history
-    assert other._mean_train_loss() == pytest.approx(0.375)
+    assert other.history == learner.history and len(other.history) == 1
+    again = other.state_dict()
+    assert again["train_losses"].tolist() == [loss for loss, _ in losses[4:]]  # epoch 1's
+    assert again["train_sizes"] == [size for _, size in losses[4:]] == [16, 16]
 
 
 def test_empty_training_data_is_a_usage_error_not_a_silent_nan():

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
 
-from conftest import make_learner
+import pytest
+from conftest import implemented_hooks, make_learner
 
 from trainloop.plugins.progress import Progress
 
@@ -48,18 +50,21 @@ def test_progress_adds_no_per_batch_hook():
         "on_step_begin",
         "on_step_end",
     }
-    assert per_batch.isdisjoint(learner._events)
+    assert implemented_hooks(learner, per_batch) == set()
 
 
 def test_the_refresh_thread_stops_when_fit_fails():
+    before = set(threading.enumerate())
+    during = []
+
     class Fail:
         def on_batch_end(self, learner):
+            during.extend(set(threading.enumerate()) - before)
             raise RuntimeError("stop here")
 
     progress = Progress(mode="plain", plain_every=0.01, stream=io.StringIO())
     learner = make_learner(plugins=[progress, Fail()])
-    try:
+    with pytest.raises(RuntimeError, match="stop here"):
         learner.fit(1)
-    except RuntimeError:
-        pass
-    assert progress._refresher is None
+    assert during  # the refresh thread ran while the epoch did
+    assert not any(thread.is_alive() for thread in during)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_learner
+from conftest import ROOT, implemented_hooks, make_learner
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.optim.lr_scheduler import StepLR
@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import StepLR
 from trainloop import PluginManager, RunConfig, hookimpl
 from trainloop.cli import main
 from trainloop.context import RunContext
+from trainloop.hookspecs import event_names
 from trainloop.plugins import tensorboard
 from trainloop.plugins.lr_scheduler import LRScheduler
 from trainloop.plugins.tensorboard import TensorBoardLogger, flat_hparams
@@ -86,7 +87,7 @@ def test_by_default_the_logger_adds_no_per_batch_hook(tmp_path):
 
     class Watch:  # during training, which per-batch events does anyone implement?
         def on_train_begin(self, learner):
-            seen.update(learner._events)
+            seen.update(implemented_hooks(learner, event_names()))
 
     learner.add_plugin(Watch())
     learner.fit(1)
