@@ -67,8 +67,6 @@ def history(run_dir: Path) -> list[dict]:
 
 def test_the_unet_page_loss_curves_are_those_of_its_run(page_run):  # noqa: F811
     result = page_run("unet")
-    if result.skipped:
-        pytest.skip(result.skipped)
     drawn = figures.loss_curves(
         history(result.workdir / "runs" / "carvana-quick"),
         "valid_dice",
@@ -80,8 +78,6 @@ def test_the_unet_page_loss_curves_are_those_of_its_run(page_run):  # noqa: F811
 
 def test_the_mnist_page_loss_curves_are_those_of_its_run(page_run):  # noqa: F811
     result = page_run("mnist")
-    if result.skipped:
-        pytest.skip(result.skipped)
     drawn = figures.loss_curves(
         history(result.workdir / "runs" / "mnist"),
         "valid_accuracy",
@@ -149,8 +145,6 @@ def tensorboard_url(page_run, tmp_path):  # noqa: F811
     if importlib.util.find_spec("tensorboard") is None:
         pytest.skip("tensorboard is not installed (the dev extra installs it)")
     result = page_run("unet")
-    if result.skipped:
-        pytest.skip(result.skipped)
     (tmp_path / "runs").mkdir()  # as `tensorboard --logdir runs` shows it, wherever it ran
     (tmp_path / "runs" / "carvana-quick").symlink_to(result.workdir / "runs" / "carvana-quick")
     port = free_port()

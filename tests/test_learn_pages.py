@@ -28,8 +28,8 @@ How a page is checked (the convention the pages are written to):
 * An HTML comment ``<!-- learn-test: file NAME.py -->`` right above a ``python`` block
   also writes the block to that file in the working directory (a plugin module for
   ``-p``), besides running it.
-* A command whose recipe file does not exist yet skips the rest of the page with the
-  reason; so does a python block that imports a ``trainloop`` module that is missing.
+* A command whose recipe file does not exist fails the page, naming the file; so does
+  a python block that imports a ``trainloop`` module that is missing.
 
 Page-specific tests follow the generic one: the neuron page's hand computation and its
 picture, the index's links.
@@ -68,10 +68,6 @@ class PageError(AssertionError):
     """A page does not do what it shows; the message names the page and line."""
 
 
-class Skipped(Exception):
-    """The rest of a page needs something that does not exist yet."""
-
-
 @dataclasses.dataclass
 class Block:
     language: str
@@ -89,7 +85,6 @@ class PageRun:
     namespace: dict
     outputs: list[str]  # captured stdout of each python block, in order
     commands: list[tuple[list[str], str]]  # each console command and its output
-    skipped: str | None = None
 
 
 def parse_blocks(text: str, source: str) -> list[Block]:
@@ -144,8 +139,8 @@ def run_python(block: Block, namespace: dict, source: str) -> str:
             exec(code, namespace)
     except ModuleNotFoundError as error:
         if (error.name or "").startswith("trainloop"):
-            raise Skipped(
-                f"{source}:{block.line} needs {error.name}, which does not exist yet"
+            raise PageError(
+                f"{source}:{block.line} needs {error.name}, which does not exist"
             ) from error
         raise
     return stdout.getvalue()
@@ -180,7 +175,7 @@ def run_command(
         )
     argv = words[1:]
     if argv[:1] == ["run"] and len(argv) > 1 and not (workdir / argv[1]).exists():
-        raise Skipped(f"{source}:{line}: {argv[1]} does not exist yet, so '{command}' cannot run")
+        raise PageError(f"{source}:{line}: {argv[1]} does not exist, so '{command}' cannot run")
     stdout, stderr = io.StringIO(), io.StringIO()
     if parse_only:
         if argv[:1] != ["run"]:
@@ -265,8 +260,6 @@ def run_page(path: Path, workdir: Path, monkeypatch) -> PageRun:
                     result.commands.append((words, got))
                     if want.strip() and (why := output_mismatch(want, got)):
                         raise mismatch(source, line, f"'{command}'", want + "\n", got, why)
-    except Skipped as reason:
-        result.skipped = str(reason)
     finally:
         torch.set_num_threads(threads)
         for name in set(sys.modules) - modules_before:  # plugin modules written by the page
@@ -303,9 +296,7 @@ def test_every_planned_page_exists():
 
 @pytest.mark.parametrize("name", PAGES)
 def test_page_runs_and_prints_what_it_shows(name, page_run):
-    result = page_run(name)
-    if result.skipped:
-        pytest.skip(result.skipped)
+    page_run(name)  # a PageError says where the page and what it ran part ways
 
 
 @pytest.mark.parametrize("name", [name for name in PAGES if name != "index"])
@@ -530,23 +521,18 @@ def test_callbacks_table_names_built_in_plugins_and_the_hooks_they_use():
     ]
     manager = PluginManager()
     manager.load_builtins()
-    not_yet = []
     for _, in_trainloop, hooks_cell in rows:
         plugins = re.findall(r"the `(\w+)` plugin", in_trainloop)
         assert plugins, in_trainloop
-        present = [name for name in plugins if name in builtin_plugin_names()]
-        not_yet += [name for name in plugins if name not in present]
-        if not present:
-            continue
+        missing = [name for name in plugins if name not in builtin_plugin_names()]
+        assert missing == [], f"callbacks.md names plugins that are not built in: {missing}"
         used = set()
-        for name in present:
+        for name in plugins:
             module = manager.get_plugin(name)
             used.update(manager.implemented_hooks(module))
             used.update(re.findall(r"hook\.(\w+)", Path(module.__file__).read_text()))
         hooks = re.findall(r"`(\w+)`", hooks_cell)
         assert [hook for hook in hooks if hook not in used] == [], plugins
-    if not_yet:
-        pytest.skip(f"docs/learn/callbacks.md names plugins not built in yet: {not_yet}")
 
 
 def test_carvana_picture_on_the_unet_page_has_the_layout_of_the_default_run():
@@ -556,10 +542,7 @@ def test_carvana_picture_on_the_unet_page_has_the_layout_of_the_default_run():
     from trainloop.recipe import load_recipe
     from trainloop.tasks.carvana.pictures import overlay_rows
 
-    recipe_path = ROOT / "recipes" / "unet_carvana.py"
-    if not recipe_path.exists():
-        pytest.skip("recipes/unet_carvana.py does not exist yet")
-    width, height = load_recipe(recipe_path).Config().image_size
+    width, height = load_recipe(ROOT / "recipes" / "unet_carvana.py").Config().image_size
     parser = argparse.ArgumentParser()
     tensorboard.add_options(parser=parser)
     count = parser.parse_args([]).tensorboard_images
