@@ -127,6 +127,37 @@ class AddScore:
         learner.metrics["score"] = self.scores[learner.epoch]
 
 
+class Crash:
+    """Fails the run after training batch ``at`` (counted from 1), or in the validation
+    that follows it with ``in_validation``."""
+
+    def __init__(self, at: int, in_validation: bool = False) -> None:
+        self.at = at
+        self.in_validation = in_validation
+
+    def on_batch_end(self, learner: Learner) -> None:
+        if learner.training and learner.step + 1 == self.at and not self.in_validation:
+            raise RuntimeError("simulated crash")
+
+    def on_valid_begin(self, learner: Learner) -> None:
+        if learner.step == self.at and self.in_validation:
+            raise RuntimeError("simulated crash")
+
+
+class NoisyData(torch.utils.data.Dataset):
+    """Samples of 8 features, each with fresh noise from the global torch RNG, as
+    augmentation draws it: what exact resume must reproduce."""
+
+    def __init__(self, inputs: torch.Tensor, target: torch.Tensor) -> None:
+        self.inputs, self.target = inputs, target
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int):
+        return self.inputs[index] + 0.1 * torch.randn(8), self.target[index]
+
+
 BEACON = '''
 
 import time

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BEACON
-from torch.utils.data import DataLoader, Dataset
+from conftest import BEACON, Crash, NoisyData
+from torch.utils.data import DataLoader
 
 from trainloop import Learner, cli
 from trainloop.plugins.checkpoint import Checkpoint
@@ -161,34 +161,6 @@ def test_resume_of_a_finished_run_changes_nothing(recipe: Path, uninterrupted: P
 
 
 # --- in-process: stop anywhere, resume, compare -----------------------------------------
-
-
-class NoisyData(Dataset):
-    def __init__(self, inputs: torch.Tensor, target: torch.Tensor) -> None:
-        self.inputs, self.target = inputs, target
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def __getitem__(self, index: int):
-        return self.inputs[index] + 0.1 * torch.randn(8), self.target[index]
-
-
-class Crash:
-    """Fails the run after training batch ``at`` (counted from 1), or in the validation
-    that follows it with ``in_validation``."""
-
-    def __init__(self, at: int, in_validation: bool = False) -> None:
-        self.at = at
-        self.in_validation = in_validation
-
-    def on_batch_end(self, learner: Learner) -> None:
-        if learner.training and learner.step + 1 == self.at and not self.in_validation:
-            raise RuntimeError("simulated crash")
-
-    def on_valid_begin(self, learner: Learner) -> None:
-        if learner.step == self.at and self.in_validation:
-            raise RuntimeError("simulated crash")
 
 
 def _build(plugins=(), workers: int = 0, generator: bool = False) -> Learner:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, Crash, NoisyData
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainloop import Learner
@@ -31,7 +31,6 @@ from trainloop.data.tensors import TensorBatches
 from trainloop.plugins.checkpoint import Checkpoint
 from trainloop.tasks.carvana.dataset import CarvanaDataset, make_loader
 from trainloop.tasks.carvana.files import check_layout
-from trainloop.tasks.carvana.synthetic import generate_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
@@ -57,10 +56,11 @@ SLOW = SlowBatches()
 
 
 @pytest.fixture(scope="module")
-def carvana(tmp_path_factory) -> Path:
-    """A synthetic Carvana set of 2 training cars (72x40 photos) and a slow-down plugin."""
+def carvana(tmp_path_factory, generated) -> Path:
+    """A folder with conftest's synthetic Carvana set (2 training cars of 72x40 photos) as
+    ``input`` and a slow-down plugin."""
     folder = tmp_path_factory.mktemp("resume_workers")
-    generate_dataset(folder / "input", n_train_cars=2, n_test_cars=1, size=(72, 40), seed=0)
+    (folder / "input").symlink_to(generated, target_is_directory=True)
     (folder / "slow_batches.py").write_text(SLOW_PLUGIN)
     return folder
 
@@ -294,28 +294,6 @@ def test_derived_seeds_do_not_collide_as_sums_do() -> None:
 
 
 # --- any data set, in process: crash, resume, compare ----------------------------------
-
-
-class NoisyData(Dataset):
-    """Each sample gets fresh noise from the global torch RNG, as augmentation does."""
-
-    def __init__(self, inputs: torch.Tensor, target: torch.Tensor) -> None:
-        self.inputs, self.target = inputs, target
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def __getitem__(self, index: int):
-        return self.inputs[index] + 0.1 * torch.randn(8), self.target[index]
-
-
-class Crash:
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_batch_end(self, learner: Learner) -> None:
-        if learner.training and learner.step + 1 == self.at:
-            raise RuntimeError("simulated crash")
 
 
 def _learner(plugins=(), seeded: bool = True) -> Learner:
