@@ -6,7 +6,7 @@ script prints the best (least disturbed) wall time of each over the rounds, its
 difference from torch's import measured in the same run, and the median; then the same
 for CPU time (user + system), which other work on the machine disturbs less. Targets:
 ``trainloop --version`` and ``--help`` <= 0.3 s; ``trainloop plugins`` and
-``trainloop run recipes/mnist_mlp.py --help`` <= torch's import + 0.5 s.
+``trainloop run RECIPE --help`` (MNIST's, Carvana's) <= torch's import + 0.5 s.
 
 The commands run as an installed package does, with Python's bytecode cache (a
 ``PYTHONDONTWRITEBYTECODE`` in the environment is left out for them; ``--no-bytecode-cache``
@@ -41,6 +41,12 @@ COMMANDS = {
         "recipes/mnist_mlp.py",
         "--help",
     ],
+    "trainloop run recipes/unet_carvana.py --help": [
+        *TRAINLOOP,
+        "run",
+        "recipes/unet_carvana.py",
+        "--help",
+    ],
 }
 # name -> (seconds, whether they are on top of torch's import)
 TARGETS = {
@@ -48,6 +54,7 @@ TARGETS = {
     "trainloop --help": (0.3, False),
     "trainloop plugins": (0.5, True),
     "trainloop run recipes/mnist_mlp.py --help": (0.5, True),
+    "trainloop run recipes/unet_carvana.py --help": (0.5, True),
 }
 
 
@@ -92,7 +99,7 @@ def main() -> None:
     for name in COMMANDS:
         best, cpu = min(walls[name]), min(cpus[name])
         line = (
-            f"{name:>42}: wall {best:5.2f} s ({best - torch_wall:+.2f} vs torch),"
+            f"{name:>44}: wall {best:5.2f} s ({best - torch_wall:+.2f} vs torch),"
             f" median {statistics.median(walls[name]):5.2f} s;"
             f" CPU {cpu:5.2f} s ({cpu - torch_cpu:+.2f} vs torch)"
         )
