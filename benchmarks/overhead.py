@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from trainloop import Learner, RunConfig
 from trainloop.cli import load_plugins
+from trainloop.context import RunContext
 from trainloop.recipe import add_config_options
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -102,8 +103,10 @@ def attach_plugins(learner: Learner, plugin_set: str) -> list[RunConfig]:
     options = parser.parse_args([])
     if hasattr(options, "progress"):
         options.progress = "plain"  # the terminal is not the thing measured
+    context = RunContext()
+    manager.hook.configure_context(context=context, options=options)
     run_dir = Path(tempfile.mkdtemp(prefix="overhead-"))
-    config = RunConfig(options, run_dir, Path("benchmark.py"), _EmptyConfig(), manager)
+    config = RunConfig(options, run_dir, Path("benchmark.py"), _EmptyConfig(), manager, context)
     manager.hook.configure(config=config)
     for name, plugin in manager.list_name_plugin():
         if plugin is not None and not learner.plugin_manager.is_registered(plugin):
