@@ -12,6 +12,10 @@ import pytest
 import torch
 
 from trainloop import Learner
+from trainloop.plugins.throughput import DATA_WAIT, SAMPLES_PER_SECOND
+
+TIMINGS = (SAMPLES_PER_SECOND, DATA_WAIT)
+"""The keys of ``learner.metrics`` that are timings (the throughput plugin's)."""
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +59,14 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         text=True,
         timeout=timeout,
     )
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    """``metrics.jsonl`` records without the throughput plugin's timings, which differ
+    from run to run: what an exact resume or replay must reproduce."""
+    return [
+        {key: value for key, value in record.items() if key not in TIMINGS} for record in records
+    ]
 
 
 @pytest.fixture
