@@ -127,7 +127,7 @@ class Profiler:
         self.fit_seconds = 0.0
         self._started = 0.0
 
-    @hookimpl(wrapper=True)  # before every other plugin's on_fit_begin, to time them too
+    @hookimpl(wrapper=True, tryfirst=True)  # the outermost: it times every other on_fit_begin
     def on_fit_begin(self, learner: Learner) -> Iterator[None]:
         if self.folder is None:
             if learner.run_dir is None:
@@ -145,7 +145,7 @@ class Profiler:
     def on_epoch_end(self) -> None:
         self.epochs += 1
 
-    @hookimpl(wrapper=True)  # after every other plugin's on_fit_end, to time them too
+    @hookimpl(wrapper=True, tryfirst=True)  # the outermost: it times every other on_fit_end
     def on_fit_end(self, learner: Learner) -> Iterator[None]:
         try:
             return (yield)
