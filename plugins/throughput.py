@@ -62,10 +62,12 @@ class EpochThroughput:
 
     @property
     def samples_per_second(self) -> float:
+        """Samples over ``seconds``."""
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def steps_per_second(self) -> float:
+        """Batches over ``seconds`` (optimizer steps too, unless gradients accumulate)."""
         return self.steps / self.seconds if self.seconds > 0 else 0.0
 
     @property
