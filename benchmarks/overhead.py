@@ -4,9 +4,9 @@ Two workloads: the 784-200-200-10 MLP on in-memory random data (batch 64) and th
 single sigmoid neuron (batch 1). Each is trained by a hand-written loop and by
 trainloop with the same model, data, optimizer and seed, alternating in the same
 process; the script prints seconds per step and the ratio trainloop / hand-written for
-three plugin sets: none (the bare core), the issue's "default" set (progress and
-metrics.jsonl) and every built-in plugin as ``trainloop run`` configures it with its
-default options.
+three plugin sets: none (the bare core), the issue's "default" set (progress,
+metrics.jsonl and throughput, the cheap ones that are on by default) and every built-in
+plugin as ``trainloop run`` configures it with its default options.
 
 Each trainloop run is one epoch of ``--steps`` batches (the neuron: five times as
 many), so per-epoch work — the checkpoint write with its fsync, a metrics line, a
@@ -33,11 +33,15 @@ import torch.nn.functional as F
 
 from trainloop import Learner, RunConfig
 from trainloop.cli import load_plugins
+from trainloop.context import RunContext
 from trainloop.recipe import add_config_options
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipes.mnist_mlp import Net  # noqa: E402
 from recipes.single_node import Neuron, half_squared_error  # noqa: E402
+
+DEFAULT_PLUGINS = ("progress", "metrics_jsonl", "throughput")
+"""The "default" set: the plugins on by default whose cost per batch must stay small."""
 
 
 def mlp_workload(steps: int):
@@ -102,8 +106,10 @@ def attach_plugins(learner: Learner, plugin_set: str) -> list[RunConfig]:
     options = parser.parse_args([])
     if hasattr(options, "progress"):
         options.progress = "plain"  # the terminal is not the thing measured
+    context = RunContext()
+    manager.hook.configure_context(context=context, options=options)
     run_dir = Path(tempfile.mkdtemp(prefix="overhead-"))
-    config = RunConfig(options, run_dir, Path("benchmark.py"), _EmptyConfig(), manager)
+    config = RunConfig(options, run_dir, Path("benchmark.py"), _EmptyConfig(), manager, context)
     manager.hook.configure(config=config)
     for name, plugin in manager.list_name_plugin():
         if plugin is not None and not learner.plugin_manager.is_registered(plugin):
@@ -118,7 +124,7 @@ def attach_plugins(learner: Learner, plugin_set: str) -> list[RunConfig]:
 def _not_default() -> list[str]:
     from trainloop.manager import builtin_plugin_names
 
-    return [name for name in builtin_plugin_names() if name not in ("progress", "metrics_jsonl")]
+    return [name for name in builtin_plugin_names() if name not in DEFAULT_PLUGINS]
 
 
 class _EmptyConfig:

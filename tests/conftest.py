@@ -15,6 +15,10 @@ import pytest
 import torch
 
 from trainloop import Learner, hookimpl
+from trainloop.plugins.throughput import DATA_WAIT, SAMPLES_PER_SECOND
+
+TIMINGS = (SAMPLES_PER_SECOND, DATA_WAIT)
+"""The keys of ``learner.metrics`` that are timings (the throughput plugin's)."""
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples"  # the example plugin packages the docs show
@@ -80,6 +84,12 @@ def options_named_on_page(page: Path, pattern: str, capsys) -> set[str]:
     for option in sorted(named):
         assert re.search(rf"{option}(?![\w-])", help_text), f"{page.name}: {option}"
     return named
+def without_timings(records: list[dict]) -> list[dict]:
+    """``metrics.jsonl`` records without the throughput plugin's timings, which differ
+    from run to run: what an exact resume or replay must reproduce."""
+    return [
+        {key: value for key, value in record.items() if key not in TIMINGS} for record in records
+    ]
 
 
 @pytest.fixture

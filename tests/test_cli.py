@@ -81,7 +81,9 @@ def test_run_writes_config_and_one_metrics_line_per_epoch_and_prints_the_folder(
     assert config["options"]["epochs"] == 3
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [0, 1, 2]
-    assert set(lines[0]) == {"epoch", "train_loss", "valid_loss"}
+    assert set(lines[0]) == {
+        "epoch", "train_loss", "train_samples_per_second", "train_data_wait", "valid_loss"
+    }  # fmt: skip
     assert lines[2]["train_loss"] < lines[0]["train_loss"]
 
 

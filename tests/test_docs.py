@@ -75,8 +75,10 @@ CHECKED_PLUGIN_PAGES = {
     "nan_guard.md",
     "precision.md",
     "predictions.md",
+    "profiler.md",
     "summary.md",
     "tensorboard.md",
+    "throughput.md",
 }
 
 

@@ -33,6 +33,8 @@ FIXED_ORDER = {
     "on_epoch_end": [
         ("checkpoint:Checkpoint", "wrapper"),  # writes after everyone's epoch end
         ("nan_guard:NanGuard", "tryfirst"),
+        ("throughput:Throughput", ""),  # a cancelled epoch's figures, before the writers
+        ("profiler:Profiler", ""),
         ("lr_scheduler:LRScheduler", ""),  # adds `lr` before the writers read metrics
         ("tensorboard:TensorBoardLogger", "trylast"),
         ("progress:Progress", "trylast"),
@@ -45,9 +47,26 @@ FIXED_ORDER = {
         ("grad_accumulation:GradAccumulation", "tryfirst"),
         ("grad_clip:GradClip", ""),
     ],
+    "iter_train_data": [
+        ("throughput:Throughput", "wrapper"),  # times the iterator of whoever makes it
+        ("checkpoint:Checkpoint", "tryfirst"),  # resumes mid-epoch (the core's: trylast)
+    ],
+    "on_fit_end": [
+        ("profiler:Profiler", "wrapper, tryfirst"),  # the outermost: times all the others
+        ("nan_guard:NanGuard", "wrapper"),
+        ("interrupt:Interrupt", "wrapper"),
+        ("tensorboard:TensorBoardLogger", ""),
+        ("summary:ModelSummary", ""),
+        ("progress:Progress", ""),
+        ("model_saver:ModelSaver", ""),
+        ("lr_scheduler:LRScheduler", ""),
+        ("checkpoint:Checkpoint", ""),
+        ("distributed:Distributed", "trylast"),
+    ],
     "on_batch_end": [
         ("tensorboard:_BatchScalars", ""),
         ("tensorboard:_ValidationSamples", ""),
+        ("profiler:_TraceSteps", ""),
         ("interrupt:_StopAgreement", ""),
         ("checkpoint:_EveryBatches", "trylast"),  # after the other per-batch updates
     ],

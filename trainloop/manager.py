@@ -46,9 +46,11 @@ BUILTIN_PLUGINS = (
     "nan_guard",
     "precision",
     "predictions",
+    "profiler",
     "progress",
     "summary",
     "tensorboard",
+    "throughput",
 )
 """The built-in plugins in the order they register (like pytest's ``default_plugins``).
 
