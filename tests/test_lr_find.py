@@ -403,6 +403,25 @@ def test_the_command_runs_under_bf16_mixed_and_accumulation(mnist_dir, tmp_path,
     assert f"suggested lr: {document['suggestion']:.3g}" in printed
 
 
+def test_the_docs_picture_is_what_the_pages_command_draws_today(mnist_dir, tmp_path, capsys):
+    # docs/lr-find.md runs this command on the same training images (its MNIST
+    # look-alike differs only in its test images, which the sweep does not use).
+    out = tmp_path / "runs" / "lr-find-mnist"
+    status, _, err = run(
+        "lr-find", MNIST, "--data-dir", mnist_dir, "--no-download", "--out", out, capsys=capsys
+    )
+    assert status == 0, err
+    committed = ROOT / "docs" / "lr-find-mnist.png"
+    if os.environ.get("TRAINLOOP_UPDATE_FIGURES") == "1":
+        committed.write_bytes((out / "lr_find.png").read_bytes())
+    drawn = np.asarray(Image.open(out / "lr_find.png").convert("RGB"), float)
+    shown = np.asarray(Image.open(committed).convert("RGB"), float)
+    assert drawn.shape == shown.shape
+    difference = np.abs(drawn - shown)
+    assert difference.mean() < 4 and (difference.max(axis=2) > 40).mean() < 0.05
+    assert "](lr-find-mnist.png)" in (ROOT / "docs" / "lr-find.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

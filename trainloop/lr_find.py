@@ -92,7 +92,9 @@ class LRFindResult:
         stopped: why the sweep ended, one of :data:`STOP_REASONS`: ``"steps"``,
             ``"diverged"`` (the smoothed loss went above ``diverge`` times its best),
             ``"not finite"`` or ``"data"``.
-        start_lr, end_lr, steps: the sweep asked for.
+        start_lr: the first learning rate of the sweep asked for.
+        end_lr: the last learning rate of the sweep asked for.
+        steps: the number of steps asked for.
         seconds: how long the sweep took, restoring included.
         set_aside: the plugins that did not take part (see :func:`sweep_plugins`).
     """
@@ -200,8 +202,9 @@ def lr_find(
 
     Args:
         learner: the learner to sweep.
-        start_lr, end_lr: the first and last learning rates (of the first parameter
-            group; the other groups keep their ratio to it).
+        start_lr: the first learning rate (of the first parameter group; the other
+            groups keep their ratio to it).
+        end_lr: the last learning rate.
         steps: how many optimizer steps (learning rates), at least 2.
         smooth: the factor of the exponential moving average of the loss, in [0, 1).
         diverge: stop once the smoothed loss is above this many times its lowest value.
