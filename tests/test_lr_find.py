@@ -277,6 +277,7 @@ def test_bad_arguments_are_value_errors_naming_the_argument(learner):
         ({"steps": 1}, "steps"),
         ({"smooth": 1.0}, "smooth"),
         ({"diverge": 1.0}, "diverge"),
+        ({"keep": ["no-such-plugin"]}, "keep"),
     ):
         with pytest.raises(ValueError, match=name):
             lr_find(learner, **kwargs)
@@ -431,6 +432,7 @@ def test_the_docs_picture_is_what_the_pages_command_draws_today(mnist_dir, tmp_p
         (["--start-lr", "1e4", "--end-lr", "1e8"], "diverged within the first"),
         (["--overwrite"], "--overwrite: trainloop lr-find sweeps"),
         (["--steps", "many"], "argument --steps: invalid int value"),
+        (["--epochs", "3"], "--epochs: the sweep's length is --steps"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_with_nothing_left_behind(
@@ -442,6 +444,23 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_left_behind(
     assert status == 2
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_config_replays_a_runs_options_into_the_sweep(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_tiny_recipe(tmp_path)
+    status, _, err = run(
+        "run", recipe, "--lr", "0.5", "--accumulate", "2", "--out", "trained", capsys=capsys
+    )
+    assert status == 0, err
+    status, _, err = run(
+        "lr-find", recipe, "--config", "trained/config.json", "--steps", "10", "--out", "swept",
+        capsys=capsys,
+    )  # fmt: skip
+    assert status == 0, err
+    document = json.loads((tmp_path / "swept" / "lr_find.json").read_text())
+    assert document["config"]["lr"] == 0.5 and document["options"]["accumulate"] == 2
+    assert len(document["lrs"]) == 10
 
 
 def test_a_folder_that_holds_files_is_refused_and_left_as_it_was(tmp_path, monkeypatch, capsys):

@@ -615,6 +615,8 @@ def find_lr(argv: list[str]) -> int:
         )
     if options.steps < 2:
         raise UsageError(f"--steps {options.steps}: give at least 2 steps")
+    if "epochs" not in field_names and any(arg.split("=")[0] == "--epochs" for arg in argv):
+        raise UsageError("--epochs: the sweep's length is --steps (optimizer steps); leave it out")
     for flag, given in (
         ("--overwrite", options.overwrite),
         ("--resume", getattr(options, "resume", None)),

@@ -260,6 +260,9 @@ def sweep_plugins(manager: PluginManager, keep: Iterable[str] = ()) -> tuple[lis
         ``(kept, set_aside)``: plugin names, each in registration order.
     """
     keep = set(keep)
+    unknown = sorted(keep - {name for name, plugin in manager.list_name_plugin() if plugin})
+    if unknown:
+        raise ValueError(f"lr_find(keep={unknown}): no plugin of that name is registered")
     kept, set_aside = [], []
     for name, plugin in manager.list_name_plugin():
         if plugin is None:  # a blocked name
