@@ -51,6 +51,12 @@ TRAINING_HOOKS = frozenset(
 :func:`sweep_plugins`): it sets up the model or the data, owns or wraps a step of
 training, or rescales the gradients before the optimizer steps."""
 
+COMMAND_LINE_HOOKS = frozenset(
+    {"add_options", "configure", "configure_context", "make_run_dir", "check_run", "unconfigure"}
+)
+"""Hooks the command line calls, never the learner: a plugin with only these (a built-in
+plugin's module, which registers its per-run objects in ``configure``) stays as it is."""
+
 METHOD = "steepest descent of the smoothed loss"
 """How :func:`lr_find` picks its suggestion."""
 
@@ -219,7 +225,7 @@ def lr_find(
     began = time.perf_counter()
     learner.setup()  # before the copies: a wrapper may replace parameters (FSDP)
     lrs = np.geomspace(start_lr, end_lr, steps).tolist()
-    kept, set_aside = sweep_plugins(learner.plugin_manager, keep)
+    _, set_aside = sweep_plugins(learner.plugin_manager, keep)
     recorder = _RangeTest(lrs, smooth, diverge, learner.optimizer)
     with _restored(learner, set_aside):
         learner.add_plugin(recorder, _RECORDER_NAME, origin="lr_find")
@@ -249,12 +255,14 @@ def sweep_plugins(manager: PluginManager, keep: Iterable[str] = ()) -> tuple[lis
 
     A plugin takes part when it implements one of :data:`TRAINING_HOOKS` (the device,
     compile, distributed, precision, gradient accumulation and clipping plugins, and
-    the core's steps), or when its name is in ``keep``. The others only watch the loop
-    (they write checkpoints, metrics, TensorBoard events and predictions, show progress,
-    schedule the lr, stop early, check for NaN) and are set aside during the sweep, so
-    that it writes nothing and disturbs no schedule. ``iter_train_data`` does not count:
-    the checkpoint plugin implements it to resume in the middle of an epoch, and the
-    sweep starts from the beginning of the data.
+    the core's steps), or when its name is in ``keep``. The others that implement a
+    hook of the learner only watch the loop (they write checkpoints, metrics,
+    TensorBoard events and predictions, show progress, schedule the lr, stop early,
+    check for NaN) and are set aside during the sweep, so that it writes nothing and
+    disturbs no schedule. ``iter_train_data`` does not count: the checkpoint plugin
+    implements it to resume in the middle of an epoch, and the sweep starts from the
+    beginning of the data. Plugins with only :data:`COMMAND_LINE_HOOKS` are in neither
+    list: the learner never calls them.
 
     Returns:
         ``(kept, set_aside)``: plugin names, each in registration order.
@@ -268,6 +276,8 @@ def sweep_plugins(manager: PluginManager, keep: Iterable[str] = ()) -> tuple[lis
         if plugin is None:  # a blocked name
             continue
         hooks = {caller.name for caller in manager.get_hookcallers(plugin) or ()}
+        if hooks <= COMMAND_LINE_HOOKS and name not in keep:
+            continue
         (kept if name in keep or hooks & TRAINING_HOOKS else set_aside).append(name)
     return kept, set_aside
 
