@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trainloop import Learner, hookimpl
 from trainloop.cli import main
-from trainloop.data.mnist import write_idx_files
 from trainloop.lr_find import PLOT_SIZE, LRFindResult, lr_find, suggest
 from trainloop.plugins.checkpoint import Checkpoint
 from trainloop.plugins.grad_accumulation import GradAccumulation
@@ -29,6 +28,7 @@ from trainloop.plugins.metrics_jsonl import MetricsFile
 from trainloop.plugins.precision import Precision, ScaledPrecision, check_precision
 from trainloop.plugins.tensorboard import TensorBoardLogger
 from trainloop.recipe import load_recipe
+from trainloop.tasks.mnist.data import write_idx_files
 
 ROOT = Path(__file__).resolve().parents[1]
 SINGLE_NODE = ROOT / "recipes" / "single_node.py"

@@ -651,51 +651,52 @@ def find_lr(argv: list[str]) -> int:
                 "new or empty folder; give another --out"
             )
 
-    try:
-        manager.hook.configure(config=config)
-        if config.is_main_process:
-            check_empty()
-        learner = _build(recipe, config, selection.plugins)
-        manager.hook.check_run(config=config, learner=learner)
-        if config.is_main_process:
-            try:
-                config.run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise write_error(config.run_dir, error) from None
-            lock.acquire()
-            check_empty()  # again, under the lock
-            print(f"lr-find folder: {config.run_dir}", flush=True)
-        result = lr_find(
-            learner, start_lr=options.start_lr, end_lr=options.end_lr, steps=options.steps
-        )
-        if result.suggestion is None:
-            flags = (
-                "--start-lr"
-                if result.stopped in ("diverged", "not finite")
-                else "--end-lr, --steps"
-            )
-            raise UsageError(f"lr-find: {result.problem} ({flags})")
-        if config.is_main_process:
-            about = {
-                "recipe": str(recipe_path),
-                "command": ["trainloop", "lr-find", *argv],
-                "config": dataclasses.asdict(cfg),
-                "options": vars(options),
-                "trainloop_version": trainloop.__version__,
-            }
-            written = write_files(result, config.run_dir, f"lr-find: {recipe_path.stem}", about)
-            print(result.summary(), flush=True)
-            for path in written:
-                print(path)
-    except BaseException:
-        if options.out is None and config.is_main_process:
-            remove_if_unused(config.run_dir, made)
-        raise
-    finally:
+    with current_run(context, manager):  # the run's context and manager, for recipe and plugins
         try:
-            manager.hook.unconfigure(config=config)
+            manager.hook.configure(config=config)
+            if config.is_main_process:
+                check_empty()
+            learner = _build(recipe, config, selection.plugins)
+            manager.hook.check_run(config=config, learner=learner)
+            if config.is_main_process:
+                try:
+                    config.run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as error:
+                    raise write_error(config.run_dir, error) from None
+                lock.acquire()
+                check_empty()  # again, under the lock
+                print(f"lr-find folder: {config.run_dir}", flush=True)
+            result = lr_find(
+                learner, start_lr=options.start_lr, end_lr=options.end_lr, steps=options.steps
+            )
+            if result.suggestion is None:
+                flags = (
+                    "--start-lr"
+                    if result.stopped in ("diverged", "not finite")
+                    else "--end-lr, --steps"
+                )
+                raise UsageError(f"lr-find: {result.problem} ({flags})")
+            if config.is_main_process:
+                about = {
+                    "recipe": str(recipe_path),
+                    "command": ["trainloop", "lr-find", *argv],
+                    "config": dataclasses.asdict(cfg),
+                    "options": vars(options),
+                    "trainloop_version": trainloop.__version__,
+                }
+                written = write_files(result, config.run_dir, f"lr-find: {recipe_path.stem}", about)
+                print(result.summary(), flush=True)
+                for path in written:
+                    print(path)
+        except BaseException:
+            if options.out is None and config.is_main_process:
+                remove_if_unused(config.run_dir, made)
+            raise
         finally:
-            lock.release()
+            try:
+                manager.hook.unconfigure(config=config)
+            finally:
+                lock.release()
     return 0
 
 
