@@ -227,7 +227,7 @@ def lr_find(
     lrs = np.geomspace(start_lr, end_lr, steps).tolist()
     _, set_aside = sweep_plugins(learner.plugin_manager, keep)
     recorder = _RangeTest(lrs, smooth, diverge, learner.optimizer)
-    with _restored(learner, set_aside):
+    with _PutBack(learner, set_aside):
         learner.add_plugin(recorder, _RECORDER_NAME, origin="lr_find")
         try:
             learner.fit(steps)  # each epoch takes at least one step; StopFit ends it
@@ -435,7 +435,7 @@ class _RangeTest:
             )
 
 
-class _restored:  # noqa: N801 (used as a context manager, like contextlib's)
+class _PutBack:
     """Copies everything the sweep changes, sets plugins aside, and puts it all back."""
 
     def __init__(self, learner: Learner, set_aside: list[str]) -> None:
