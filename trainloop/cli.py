@@ -1,4 +1,4 @@
-"""The ``trainloop`` command: ``run`` a recipe, list ``plugins``, print ``--version``."""
+"""The ``trainloop`` command: ``run`` a recipe, ``predict``, ``check-resume``, ``lr-find``, list ``plugins``."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(argv: list[str]) -> int:
     parser = _Parser(
         prog="trainloop",
-        description="trainloop: run a recipe, list plugins, print the version.",
+        description="trainloop: run a recipe, list plugins, find a learning rate, print the version.",
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"trainloop {trainloop.__version__}")
@@ -118,10 +118,17 @@ def _dispatch(argv: list[str]) -> int:
         help="kill a recipe's run, resume it, compare bit for bit: trainloop check-resume RECIPE.py",
         add_help=False,
     )
-    if not argv or argv[0] not in ("run", "predict", "plugins", "check-resume"):
+    commands.add_parser(
+        "lr-find",
+        help="the learning-rate range test: trainloop lr-find RECIPE.py [options]",
+        add_help=False,
+    )
+    known = ("run", "predict", "plugins", "check-resume", "lr-find")
+    if not argv or argv[0] not in known:
         parser.parse_args(argv or ["--help"])
         raise UsageError(
-            f"unknown command {argv[0]!r}: use 'run', 'predict', 'plugins' or 'check-resume'"
+            f"unknown command {argv[0]!r}: use 'run', 'predict', 'plugins', 'check-resume' "
+            "or 'lr-find'"
         )
     if argv[0] == "check-resume":
         from trainloop.check_resume import main as check_resume
@@ -131,6 +138,8 @@ def _dispatch(argv: list[str]) -> int:
         return list_plugins(argv[1:])
     if argv[0] == "predict":
         return predict(argv[1:])
+    if argv[0] == "lr-find":
+        return find_lr(argv[1:])
     return run(argv[1:])
 
 
@@ -538,6 +547,158 @@ def predict(argv: list[str]) -> int:
                 print(f"predictions of {run_dir / MODEL_NAME}: {config.run_dir}", flush=True)
                 _record_run(config, cfg, ["trainloop", "predict", *argv])
             recipe.predict(learner, cfg)
+        except BaseException:
+            if options.out is None and config.is_main_process:
+                remove_if_unused(config.run_dir, made)
+            raise
+        finally:
+            try:
+                manager.hook.unconfigure(config=config)
+            finally:
+                lock.release()
+    return 0
+
+
+def find_lr(argv: list[str]) -> int:
+    """``trainloop lr-find RECIPE [options]``: the learning-rate range test on the recipe.
+
+    Builds the recipe's Learner as ``run`` does (the recipe's and the plugins' options,
+    ``--config``, ``-p``), runs :func:`trainloop.lr_find.lr_find` on it, prints the
+    suggested learning rate and writes ``lr_find.png``, ``lr_find.json`` and TensorBoard
+    events into ``--out`` (default: a new ``runs/<recipe>/lr-find/<timestamp>``), which
+    must be new or empty. The recipe's ``predict`` does not run.
+    """
+    if not argv or argv[0].startswith("-"):
+        if argv and argv[0] in ("-h", "--help"):
+            print(
+                "usage: trainloop lr-find RECIPE.py [options]  "
+                "(options: trainloop lr-find RECIPE --help)"
+            )
+            return 0
+        raise UsageError("give a recipe: trainloop lr-find RECIPE.py [options]")
+    from trainloop.lr_find import lr_find, write_files
+
+    recipe_path = Path(argv[0])
+    prog = f"trainloop lr-find {recipe_path}"
+    selection, _ = _plugin_selection(argv[1:], prog)
+    replay = _config_file_values(argv[1:], prog)
+    if not selection.plugins and replay.get("plugins"):
+        selection.plugins = list(replay["plugins"])
+    recipe = load_recipe(recipe_path)
+    manager = load_plugins(selection.plugins, strict=selection.strict_plugins)
+
+    parser = _Parser(prog=prog, allow_abbrev=False, description=recipe.__doc__)
+    field_names = add_config_options(parser, recipe.Config)
+    group = parser.add_argument_group("lr-find")
+    group.add_argument(
+        "--start-lr",
+        type=float,
+        default=1e-7,
+        metavar="LR",
+        help="the first learning rate of the sweep (default: 1e-07)",
+    )
+    group.add_argument(
+        "--end-lr",
+        type=float,
+        default=10.0,
+        metavar="LR",
+        help="the last learning rate of the sweep (default: 10)",
+    )
+    group.add_argument(
+        "--steps",
+        type=int,
+        default=100,
+        metavar="N",
+        help="optimizer steps, each at the next learning rate (default: 100)",
+    )
+    _add_common_options(parser, field_names)
+    _add_selection_options(parser)
+    manager.hook.add_options(parser=parser, plugin_manager=manager)
+    if replay:
+        _set_config_defaults(parser, replay, field_names)
+    options = parser.parse_args(argv[1:])
+    cfg = make_config(recipe.Config, options, field_names)
+    if not (options.start_lr > 0 and options.start_lr < float("inf")):
+        raise UsageError(f"--start-lr {options.start_lr}: give a positive learning rate")
+    if not (options.end_lr > options.start_lr and options.end_lr < float("inf")):
+        raise UsageError(
+            f"--end-lr {options.end_lr}: give a learning rate above --start-lr {options.start_lr}"
+        )
+    if options.steps < 2:
+        raise UsageError(f"--steps {options.steps}: give at least 2 steps")
+    if "epochs" not in field_names and any(arg.split("=")[0] == "--epochs" for arg in argv):
+        raise UsageError("--epochs: the sweep's length is --steps (optimizer steps); leave it out")
+    for flag, given in (
+        ("--overwrite", options.overwrite),
+        ("--resume", getattr(options, "resume", None)),
+    ):
+        if given:
+            raise UsageError(
+                f"{flag}: trainloop lr-find sweeps the recipe's new model into a new folder; "
+                f"leave {flag} out (give another --out)"
+            )
+    if options.out is not None:
+        _check_out(options.out)
+
+    seed_everything(options.seed)
+    if options.deterministic:
+        make_deterministic()
+    context = RunContext.from_environment()
+    manager.hook.configure_context(context=context, options=options)
+    run_dir = options.out or Path("runs") / recipe_path.stem / "lr-find"
+    made: list[Path] = []
+    if options.out is None and context.is_main_process:  # the others write nothing
+        made = [path for path in (run_dir, *_parents_of_default(recipe_path)) if not path.exists()]
+        run_dir = new_run_dir("lr-find", root=run_dir.parent)
+    config = RunConfig(options, Path(run_dir), recipe_path, cfg, manager, context)
+    lock = RunLock(config.run_dir)
+
+    def check_empty() -> None:
+        contents = run_contents(config.run_dir)
+        if contents:
+            shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+            raise UsageError(
+                f"--out {config.run_dir} already holds files ({shown}): lr-find writes into a "
+                "new or empty folder; give another --out"
+            )
+
+    with current_run(context, manager):  # the run's context and manager, for recipe and plugins
+        try:
+            manager.hook.configure(config=config)
+            if config.is_main_process:
+                check_empty()
+            learner = _build(recipe, config, selection.plugins)
+            manager.hook.check_run(config=config, learner=learner)
+            if config.is_main_process:
+                try:
+                    config.run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as error:
+                    raise write_error(config.run_dir, error) from None
+                lock.acquire()
+                check_empty()  # again, under the lock
+                print(f"lr-find folder: {config.run_dir}", flush=True)
+            result = lr_find(
+                learner, start_lr=options.start_lr, end_lr=options.end_lr, steps=options.steps
+            )
+            if result.suggestion is None:
+                flags = (
+                    "--start-lr"
+                    if result.stopped in ("diverged", "not finite")
+                    else "--end-lr, --steps"
+                )
+                raise UsageError(f"lr-find: {result.problem} ({flags})")
+            if config.is_main_process:
+                about = {
+                    "recipe": str(recipe_path),
+                    "command": ["trainloop", "lr-find", *argv],
+                    "config": dataclasses.asdict(cfg),
+                    "options": vars(options),
+                    "trainloop_version": trainloop.__version__,
+                }
+                written = write_files(result, config.run_dir, f"lr-find: {recipe_path.stem}", about)
+                print(result.summary(), flush=True)
+                for path in written:
+                    print(path)
         except BaseException:
             if options.out is None and config.is_main_process:
                 remove_if_unused(config.run_dir, made)
