@@ -49,6 +49,7 @@ BUILTIN_PLUGINS = (
     "progress",
     "summary",
     "tensorboard",
+    "weight_averaging",
 )
 """The built-in plugins in the order they register (like pytest's ``default_plugins``).
 
