@@ -77,6 +77,7 @@ CHECKED_PLUGIN_PAGES = {
     "predictions.md",
     "summary.md",
     "tensorboard.md",
+    "weight_averaging.md",
 }
 
 
