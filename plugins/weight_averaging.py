@@ -241,7 +241,7 @@ class WeightAveraging:
 
     def training_state_dict(self, learner: Learner) -> dict[str, torch.Tensor]:
         """The training weights, as ``learner.model.state_dict()`` (which holds the average
-        while :attr:`swapped`)."""
+        while ``swapped``)."""
         state = learner.model.state_dict()
         if self.swapped:
             training = dict(zip(_names(learner.model), self._training_weights))
