@@ -206,7 +206,7 @@ class WeightAveraging:
 
     @hookimpl(tryfirst=True)  # SWALR sets the epoch's learning rate before anyone reads it
     def on_epoch_begin(self, learner: Learner) -> None:
-        if self.swa_lr is None or not self._swa_epoch(learner) or self._swa_scheduler:
+        if self.swa_lr is None or self._swa_scheduler is not None or not self._swa_epoch(learner):
             return
         self._swa_scheduler = SWALR(
             learner.optimizer, swa_lr=self.swa_lr, anneal_epochs=self.swa_anneal_epochs
