@@ -134,7 +134,13 @@ class ModelSaver:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         step = checkpoint.get("learner", {}).get("step")
-        same_as_model = self._best_step is not None and step == self._best_step
+        # The checkpoint's "model" is the weights to resume training from, which need not
+        # be those the epoch was judged by (a weight average validates its own): compare.
+        same_as_model = (
+            self._best_step is not None
+            and step == self._best_step
+            and _same_weights(checkpoint.get("model"), self._best_weights)
+        )
         checkpoint[CHECKPOINT_KEY] = {
             "monitor": self.monitor.state_dict() if self.monitor is not None else None,
             "metrics": json_safe(self.best_metrics),
@@ -179,6 +185,12 @@ class ModelSaver:
             "metrics": json_safe(metrics),
         }
         atomic_save(saved, self.path)
+
+
+def _same_weights(state: dict[str, Any] | None, weights: dict[str, torch.Tensor] | None) -> bool:
+    if state is None or weights is None or state.keys() != weights.keys():
+        return False
+    return all(torch.equal(state[name].detach().cpu(), weights[name]) for name in weights)
 
 
 def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

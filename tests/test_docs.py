@@ -79,6 +79,7 @@ CHECKED_PLUGIN_PAGES = {
     "summary.md",
     "tensorboard.md",
     "throughput.md",
+    "weight_averaging.md",
 }
 
 

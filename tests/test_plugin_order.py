@@ -33,6 +33,8 @@ FIXED_ORDER = {
     "on_epoch_end": [
         ("checkpoint:Checkpoint", "wrapper"),  # writes after everyone's epoch end
         ("nan_guard:NanGuard", "tryfirst"),
+        # steps its SWA schedule, like lr_scheduler its own (the two are not combined)
+        ("weight_averaging:WeightAveraging", ""),
         ("throughput:Throughput", ""),  # a cancelled epoch's figures, before the writers
         ("profiler:Profiler", ""),
         ("lr_scheduler:LRScheduler", ""),  # adds `lr` before the writers read metrics
@@ -55,6 +57,7 @@ FIXED_ORDER = {
         ("profiler:Profiler", "wrapper, tryfirst"),  # the outermost: times all the others
         ("nan_guard:NanGuard", "wrapper"),
         ("interrupt:Interrupt", "wrapper"),
+        ("weight_averaging:WeightAveraging", "tryfirst"),  # SWA's BatchNorm update first
         ("tensorboard:TensorBoardLogger", ""),
         ("summary:ModelSummary", ""),
         ("progress:Progress", ""),
@@ -83,8 +86,20 @@ def test_the_restoring_plugins_run_after_those_that_must_exist_before_a_restore(
     # the scaler and the schedule exist before the checkpoint plugin restores their state
     assert order.index("precision:ScaledPrecision") < order.index("checkpoint:Checkpoint")
     assert order.index("lr_scheduler:LRScheduler") < order.index("checkpoint:Checkpoint")
+    assert order.index("weight_averaging:WeightAveraging") < order.index("checkpoint:Checkpoint")
     # plugins that read the restored state come after it
     assert order.index("checkpoint:Checkpoint") < order.index("tensorboard:TensorBoardLogger")
+
+
+@pytest.mark.parametrize("hook", ["on_fit_end", "on_predict_begin", "on_save_checkpoint"])
+def test_the_weight_average_is_in_the_model_and_checkpoint_before_the_model_saver_reads_them(
+    builtins, hook
+):
+    # fit's end and predict: model.pt and the predictions get the averaged weights (and
+    # the best epoch's, loaded by model_saver, over them); a checkpoint's "model" is the
+    # training weights before model_saver compares it with its best
+    order = [name for name, _ in builtins.call_order(hook)]
+    assert order.index("weight_averaging:WeightAveraging") < order.index("model_saver:ModelSaver")
 
 
 def test_plugins_order_prints_each_hook_in_call_order_with_its_marker():

@@ -51,6 +51,7 @@ BUILTIN_PLUGINS = (
     "summary",
     "tensorboard",
     "throughput",
+    "weight_averaging",
 )
 """The built-in plugins in the order they register (like pytest's ``default_plugins``).
 
