@@ -12,6 +12,8 @@ import copy
 import dataclasses
 import math
 import os
+import secrets
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainloop import Learner, RunConfig, UsageError, hookimpl
+from trainloop import Learner, RunConfig, UsageError, hookimpl, sharded
 from trainloop.monitor import Monitor, add_monitor_options, monitored_value
 from trainloop.run_folder import (
     RunFileError,
@@ -32,7 +34,12 @@ from trainloop.run_folder import (
 from trainloop.state import capture_rng_state, json_safe, set_rng_state
 
 FORMAT = "trainloop-checkpoint"
-VERSION = 1
+VERSION = 2
+"""The newest format this plugin reads: 2 when the model is sharded, 1 otherwise."""
+PLAIN_VERSION = 1
+"""The format of a checkpoint that holds the whole model: unchanged since the first."""
+SHARDS_DIR = "shards"
+"""The folder beside the checkpoint files where sharded checkpoints keep their shards."""
 CHECKPOINT_KEY = "checkpoint"
 AUTO = "auto"
 LAST = "last"
@@ -167,6 +174,13 @@ class Checkpoint:
         self._resume_rng: dict[str, Any] | None = None
         self._last_written: tuple[int, int, int] | None = None
         self._per_batch: _EveryBatches | None = None
+        self._sharded = False
+        self._shard_names: tuple[str, int] = ("", 0)  # agreed by every process, a counter
+
+    @property
+    def _saves(self) -> bool:
+        """Whether this process takes part in writing checkpoints (a sharded model: all do)."""
+        return self.write or self._sharded
 
     # --- resume ------------------------------------------------------------------------
 
@@ -185,13 +199,18 @@ class Checkpoint:
         self._last_written = None
         if self.monitor is not None:
             self.monitor.best = None
+        # A sharded model is saved by every process (each writes its shard).
+        self._sharded = sharded.is_sharded(learner.model)
+        if self._sharded:
+            self._shard_names = _agreed_token(), 0
         if self.write:
             self.directory.mkdir(parents=True, exist_ok=True)
             for stale in self.directory.glob(".*.tmp"):  # left by a process killed mid-write
                 stale.unlink(missing_ok=True)
-            if self.every and self._per_batch is None:  # a per-batch hook only when asked
-                self._per_batch = _EveryBatches(self)
-                learner.add_plugin(self._per_batch, "checkpoint.every-batches")
+            remove_unused_shards(self.directory)
+        if self.every and self._per_batch is None and self._saves:  # only when asked
+            self._per_batch = _EveryBatches(self)
+            learner.add_plugin(self._per_batch, "checkpoint.every-batches")
         self.optimizer_start = optimizer_hyperparameters(learner.optimizer)
         if self.resume is not None:  # the first fit only: a later fit starts afresh
             self.read_resume()
@@ -223,7 +242,7 @@ class Checkpoint:
                 f"(changed: {shown}); resume with the values it was written with, or start a "
                 "fresh run"
             )
-        mismatch = _model_mismatch(learner.model, checkpoint["model"])
+        mismatch = _model_mismatch(learner.model, _saved_shapes(checkpoint, self.resume))
         if mismatch:
             because = f" (changed: {shown})" if shown else ""
             raise UsageError(
@@ -271,19 +290,34 @@ class Checkpoint:
 
     def _restore(self, learner: Learner, checkpoint: dict[str, Any]) -> None:
         where = f"--resume {self.resume}"
-        try:
-            learner.model.load_state_dict(checkpoint["model"])
-        except RuntimeError as error:
-            raise UsageError(
-                f"{where}: its weights do not fit this model ({_one_line(error)}); "
-                "resume with the recipe and options that wrote it"
-            ) from None
-        try:
-            learner.optimizer.load_state_dict(checkpoint["optimizer"])
-        except (ValueError, KeyError) as error:
-            raise UsageError(
-                f"{where}: its optimizer state does not fit this optimizer ({_one_line(error)})"
-            ) from None
+        shards = checkpoint.get("shards")
+        if shards:
+            try:  # resharded as this run's processes and model need
+                sharded.load(self.resume.parent / shards, learner.model, learner.optimizer)
+            except (RuntimeError, ValueError, KeyError) as error:
+                raise UsageError(
+                    f"{where}: its shards in {self.resume.parent / shards} do not load into "
+                    f"this model and optimizer ({_one_line(error)}); resume with the recipe "
+                    "and options that wrote it"
+                ) from None
+            # For the plugins that read the checkpoint's model (the best weights may be it).
+            checkpoint["model"] = sharded.full_state_dict(learner.model)
+        else:
+            try:
+                sharded.load_full_state_dict(learner.model, checkpoint["model"])
+            except RuntimeError as error:
+                raise UsageError(
+                    f"{where}: its weights do not fit this model ({_one_line(error)}); "
+                    "resume with the recipe and options that wrote it"
+                ) from None
+            try:
+                sharded.load_full_optimizer_state_dict(
+                    learner.model, learner.optimizer, checkpoint["optimizer"]
+                )
+            except (ValueError, KeyError) as error:
+                raise UsageError(
+                    f"{where}: its optimizer state does not fit this optimizer ({_one_line(error)})"
+                ) from None
         saved_start = (checkpoint.get(CHECKPOINT_KEY) or {}).get("optimizer_start")
         apply_hyperparameters(learner.optimizer, saved_start, self.optimizer_start)
         learner.load_state_dict(checkpoint["learner"])
@@ -331,16 +365,18 @@ class Checkpoint:
     @hookimpl(wrapper=True)  # writes after every plugin's on_epoch_end (metrics, schedules)
     def on_epoch_end(self, learner: Learner) -> Iterator[None]:
         result = yield
-        if self.write:
+        if self._saves:
             self._write_epoch_end(learner)
         return result
 
     def _write_epoch_end(self, learner: Learner) -> None:
         state = learner.state_dict()  # the epoch counts as done
-        plan = self._rank(learner)
+        plan = self._rank(learner) if self.write else None
         self._save(learner, state, LAST, epoch_rng=False)
         if plan is not None:
             self._apply_best(*plan, added=learner.epoch)
+            if self._sharded:
+                remove_unused_shards(self.directory)  # of a best checkpoint dropped now
 
     def on_fit_end(self, learner: Learner) -> None:
         if self._per_batch is not None:
@@ -348,23 +384,27 @@ class Checkpoint:
             self._per_batch = None
         # A clean early stop (Ctrl-C, should_stop, StopFit) is a resume point; after an
         # error the state may be half-updated, so the last good last.pt stays.
-        if self.write and learner.exception is None:
+        if self._saves and learner.exception is None:
             state = learner.state_dict()
             if _resume_point(state) != self._last_written:
                 self._save(learner, state, LAST)
 
     @hookimpl
     def save_checkpoint(self, learner: Learner, name: str) -> Path | None:
-        if not self.write:
+        if not self._saves:
             return None
         if not name or Path(name).name != name or name.startswith("."):
             raise ValueError(f"save_checkpoint(name={name!r}): give a plain file name stem")
         state = learner.state_dict()
         last = self._dir(learner) / f"{LAST}.pt"
-        if name != LAST and _resume_point(state) == self._last_written and last.exists():
-            path = self._dir(learner) / f"{name}.pt"
-            atomic_copy(last, path)  # the same state: a file copy, not a second serialisation
-            return path
+        # Decided alike by every process of a sharded model: none writes a shard then.
+        if name != LAST and _resume_point(state) == self._last_written:
+            if not self.write:
+                return None
+            if self._sharded or last.exists():
+                path = self._dir(learner) / f"{name}.pt"
+                atomic_copy(last, path)  # the same state: a file copy, not a second write
+                return path
         return self._save(learner, state, name)
 
     def on_exception(self, learner: Learner, exception: BaseException) -> None:
@@ -396,27 +436,49 @@ class Checkpoint:
 
     def _save(
         self, learner: Learner, state: dict[str, Any], name: str, epoch_rng: bool = True
-    ) -> Path:
+    ) -> Path | None:
+        """Write checkpoint ``name``; a sharded model's shards first, by every process.
+
+        Returns its path, or ``None`` on a process that does not write the file.
+        """
+        shards = self._save_shards(learner, state) if self._sharded else None
+        if not self.write:
+            if name == LAST:
+                self._last_written = _resume_point(state)
+            return None
         state["history"] = [_plain(record) for record in state["history"]]
         config = learner.config
         if dataclasses.is_dataclass(config) and not isinstance(config, type):
             config = dataclasses.asdict(config)
-        checkpoint: dict[str, Any] = {
-            "format": FORMAT,
-            "version": VERSION,
-            "model": learner.model.state_dict(),
-            "optimizer": learner.optimizer.state_dict(),
-            "learner": state,
-            "rng": capture_rng_state(learner.train_data),
-            "epoch_rng": self._epoch_rng if epoch_rng and state["iteration"] else None,
-            "config": json_safe(config) if config is not None else None,
-            "options": self.options,
-            "world_size": learner.context.world_size,
-            # Per process under torchrun, where the data is split while fit runs.
-            "train_batches": _length(learner.train_data)
-            if learner.context.world_size == 1
-            else None,
-        }
+        checkpoint: dict[str, Any] = {"format": FORMAT, "version": PLAIN_VERSION}
+        if shards:
+            # The model's and optimizer's state are in the folder the file names; it
+            # counts as written once this file is (written last, atomically).
+            optimizer_groups = learner.optimizer.state_dict()["param_groups"]
+            checkpoint.update(
+                version=VERSION,
+                model=None,
+                optimizer={"param_groups": optimizer_groups},
+                shards=shards,
+            )
+        else:
+            checkpoint.update(
+                model=learner.model.state_dict(), optimizer=learner.optimizer.state_dict()
+            )
+        checkpoint.update(
+            {
+                "learner": state,
+                "rng": capture_rng_state(learner.train_data),
+                "epoch_rng": self._epoch_rng if epoch_rng and state["iteration"] else None,
+                "config": json_safe(config) if config is not None else None,
+                "options": self.options,
+                "world_size": learner.context.world_size,
+                # Per process under torchrun, where the data is split while fit runs.
+                "train_batches": _length(learner.train_data)
+                if learner.context.world_size == 1
+                else None,
+            }
+        )
         # The NaN guard checks here (tryfirst) and raises before anything is written.
         learner.hook.on_save_checkpoint(learner=learner, checkpoint=checkpoint)
         path = self._dir(learner) / f"{name}.pt"
@@ -428,7 +490,18 @@ class Checkpoint:
             raise RunFileError(f"{error}; {good}") from None
         if name == LAST:
             self._last_written = _resume_point(state)
+        if shards:
+            remove_unused_shards(self._dir(learner))  # those that no file names any more
         return path
+
+    def _save_shards(self, learner: Learner, state: dict[str, Any]) -> str:
+        """Write the sharded model's and optimizer's state into a new folder; return its
+        name relative to the checkpoint folder. Every process calls this, in step."""
+        token, count = self._shard_names
+        self._shard_names = token, count + 1
+        name = f"{SHARDS_DIR}/step{state['step']}-{token}-{count}"
+        sharded.save(self._dir(learner) / name, learner.model, learner.optimizer).result()
+        return name
 
     # --- the best checkpoints ----------------------------------------------------------
 
@@ -538,15 +611,27 @@ def _fixed_fields(learner: Learner) -> set[str]:
     }
 
 
+def _saved_shapes(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The shape of each entry of the checkpoint's model state (``None``: not a tensor)."""
+    shards = checkpoint.get("shards")
+    if shards:
+        return dict(sharded.saved_model_shapes(path.parent / shards))
+    return {name: getattr(value, "shape", None) for name, value in checkpoint["model"].items()}
+
+
 def _model_mismatch(model: torch.nn.Module, saved: dict[str, Any]) -> str:
-    """What keeps ``saved`` from loading into ``model``, in a few words ('' when it fits)."""
+    """What keeps a state of the ``saved`` shapes (by name) from loading into ``model``,
+    in a few words ('' when it fits)."""
     state = model.state_dict()
     missing = [name for name in state if name not in saved]
     unexpected = [name for name in saved if name not in state]
     shapes = [
-        f"{name}: {_shape(saved[name])} in the checkpoint, {_shape(value)} here"
+        f"{name}: {_shape(saved[name])} in the checkpoint, {_shape(value.shape)} here"
         for name, value in state.items()
-        if name in saved and hasattr(value, "shape") and saved[name].shape != value.shape
+        if name in saved
+        and hasattr(value, "shape")
+        and saved[name] is not None
+        and tuple(saved[name]) != tuple(value.shape)
     ]
     parts = []
     if shapes:
@@ -560,8 +645,8 @@ def _model_mismatch(model: torch.nn.Module, saved: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _shape(tensor: Any) -> str:
-    return "x".join(str(size) for size in tensor.shape) or "scalar"
+def _shape(shape: Any) -> str:
+    return "x".join(str(size) for size in shape) or "scalar"
 
 
 def _flag(name: str) -> str:
@@ -656,7 +741,46 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [key for key in _REQUIRED_KEYS if key not in checkpoint]
     if missing:
         raise UsageError(f"{where}: incomplete checkpoint, without {', '.join(missing)}")
+    shards = checkpoint.get("shards")
+    if shards and not sharded.is_complete(path.parent / shards):
+        raise UsageError(
+            f"{where}: its shards folder {path.parent / shards} is missing or incomplete; a "
+            "sharded checkpoint is the file and the folder it names, side by side: copy both"
+        )
     return checkpoint
+
+
+def remove_unused_shards(directory: Path) -> None:
+    """Delete the shard folders in ``directory`` that no checkpoint file there names.
+
+    Left by a file that was replaced or dropped, or by a process killed while it wrote
+    them. Nothing is deleted when a checkpoint file cannot be read (what it names is
+    then unknown).
+    """
+    folder = Path(directory) / SHARDS_DIR
+    if not folder.is_dir():
+        return
+    named = set()
+    for path in Path(directory).glob("*.pt"):
+        try:  # mmap: the file's tensors are not read
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return
+        if isinstance(checkpoint, dict) and checkpoint.get("shards"):
+            named.add(Path(checkpoint["shards"]).name)
+    for entry in folder.iterdir():
+        if entry.name not in named:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _agreed_token() -> str:
+    """A random word that every process of the run receives from rank 0."""
+    import torch.distributed as dist
+
+    token = [secrets.token_hex(3)]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
 
 
 def _one_line(error: BaseException) -> str:
