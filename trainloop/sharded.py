@@ -13,6 +13,9 @@ order, or the processes wait for each other forever.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -115,9 +118,11 @@ def save(
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    if asynchronous:
-        return dcp.async_save(state, checkpoint_id=str(directory), process_group=process_group)
-    dcp.save(state, checkpoint_id=str(directory), process_group=process_group)
+    where = {"checkpoint_id": str(directory), "process_group": process_group}
+    with _one_process_is_meant():
+        if asynchronous:
+            return dcp.async_save(state, **where, no_dist=not _distributed())
+        dcp.save(state, **where, no_dist=not _distributed())
     done: Future = Future()
     done.set_result(None)
     return done
@@ -137,7 +142,8 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.O
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
-        dcp.load(state, checkpoint_id=str(directory))
+        with _one_process_is_meant():
+            dcp.load(state, checkpoint_id=str(directory), no_dist=not _distributed())
     except CheckpointException as error:  # a BaseException: for what the processes raised
         raise RuntimeError(str(error)) from error
     set_state_dict(
@@ -165,6 +171,20 @@ def saved_model_shapes(directory: str | Path) -> dict[str, torch.Size]:
         for key, value in metadata.state_dict_metadata.items()
         if key.startswith(prefix) and hasattr(value, "size")
     }
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    """Without a process group DCP warns that it assumes one process: that is meant here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+        yield
 
 
 def _check_fits(model: torch.nn.Module, state: dict[str, Any]) -> None:
