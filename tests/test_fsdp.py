@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainloop import UsageError, sharded
+from trainloop import Learner, UsageError, sharded
 from trainloop.cli import main
+from trainloop.context import RunContext
 from trainloop.data.mnist import write_idx_files
-from trainloop.plugins.distributed import AUTO_WRAP, check_wrap, parse_wrap, shard_units
+from trainloop.data.tensors import TensorBatches
+from trainloop.plugins import distributed, precision
+from trainloop.plugins.distributed import (
+    AUTO_WRAP,
+    Distributed,
+    check_wrap,
+    even_valid_data,
+    parse_wrap,
+    shard_units,
+)
 from trainloop.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,3 +334,60 @@ def test_sharded_helpers_on_a_plain_model_are_the_ordinary_state_dict_calls():
     assert torch.equal(other.weight, model.weight)
     optimizer = functools.partial(torch.optim.SGD, lr=0.1)(other.parameters())
     sharded.load_full_optimizer_state_dict(other, optimizer, optimizer.state_dict())
+
+
+def test_fsdp_validates_the_even_shares_or_else_the_whole_set_on_every_process():
+    even = TensorBatches(torch.arange(150), batch_size=25)  # 75 each: 3 batches each
+    shares = [even_valid_data(even, rank, 2) for rank in (0, 1)]
+    assert [len(share) for share in shares] == [3, 3] and shares[0] is not even
+    uneven = TensorBatches(torch.arange(151), batch_size=25)  # 75 and 76: 3 and 4 batches
+    assert all(even_valid_data(uneven, rank, 2) is uneven for rank in (0, 1))
+
+
+# --- one process group of one, in this process ------------------------------------------
+
+
+@pytest.fixture
+def process_group_of_one(monkeypatch):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    variables = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for name, value in {**variables, "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.init_process_group("gloo", torch.device("cpu"))
+    yield
+    distributed.destroy_process_group()
+
+
+def small_learner(*plugins) -> Learner:
+    torch.manual_seed(0)
+    inputs = torch.randn(48, 4)
+    target = (inputs.sum(dim=1) > 0).long()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2), torch.nn.LogSoftmax(dim=1)
+    )
+    return Learner(
+        model,
+        TensorBatches(inputs, target, batch_size=8, shuffle=True),
+        TensorBatches(inputs[:20], target[:20], batch_size=8),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+        plugins=plugins,
+    )
+
+
+def test_precision_bf16_mixed_reaches_fsdp_through_the_run_context(process_group_of_one):
+    context = RunContext()
+    precision.configure_context(context=context, options=argparse.Namespace(precision="bf16-mixed"))
+    assert context.mixed_precision_dtype is torch.bfloat16
+    learner = small_learner(Distributed(device="cpu", strategy="fsdp"))
+    learner.context.mixed_precision_dtype = context.mixed_precision_dtype
+    seen = []
+    learner.model[0].register_forward_hook(
+        lambda module, args, output: seen.append((module.weight.dtype, args[0].dtype))
+    )
+    history = learner.fit(2)
+    assert sharded.is_sharded(learner.model) and learner.module is learner.model
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}  # gathered and computed in bf16
+    assert learner.model[0].weight.dtype == torch.float32  # the sharded master weights
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
