@@ -10,12 +10,14 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import os
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         help="keep the K best checkpoints by --monitor: best.pt, best-<epoch>.pt (default: 1; 0: none)",
     )
     group.add_argument(
+        "--checkpoint-async",
+        action="store_true",
+        help="write a sharded model's checkpoints in the background (torch.distributed."
+        "checkpoint.async_save): training waits only for the copy of the state",
+    )
+    group.add_argument(
         "--resume",
         nargs="?",
         const=True,
@@ -112,6 +120,7 @@ def configure(config: RunConfig) -> None:
         monitor=Monitor(options.monitor, options.mode) if options.keep_best else None,
         resume=resume,
         write=config.is_main_process,
+        asynchronous=options.checkpoint_async,
     )
     plugin.options = {
         key: value for key, value in json_safe(vars(options)).items() if key not in RUN_ONLY_OPTIONS
@@ -144,6 +153,10 @@ class Checkpoint:
             ``fit`` only; ``resumed_from`` says which file was used).
         write: whether this process writes files (``False`` on all but the main
             process of a distributed run; it still resumes).
+        asynchronous: with a sharded model, write the shards in the background: the
+            state is copied when the checkpoint is taken, and the checkpoint file that
+            names the shards is written once they are (checked after each batch with
+            ``every``, and before the next checkpoint or the end of ``fit``).
     """
 
     def __init__(
@@ -155,6 +168,7 @@ class Checkpoint:
         monitor: Monitor | str | None = None,
         resume: str | Path | None = None,
         write: bool = True,
+        asynchronous: bool = False,
     ) -> None:
         if every < 0 or keep_best < 0:
             raise ValueError(f"Checkpoint(every={every}, keep_best={keep_best}): give 0 or more")
@@ -174,8 +188,11 @@ class Checkpoint:
         self._resume_rng: dict[str, Any] | None = None
         self._last_written: tuple[int, int, int] | None = None
         self._per_batch: _EveryBatches | None = None
+        self.asynchronous = asynchronous
         self._sharded = False
         self._shard_names: tuple[str, int] = ("", 0)  # agreed by every process, a counter
+        self._pending: tuple[Future, Callable[[], None] | None] | None = None
+        self._async_group: Any = None
 
     @property
     def _saves(self) -> bool:
@@ -203,6 +220,18 @@ class Checkpoint:
         self._sharded = sharded.is_sharded(learner.model)
         if self._sharded:
             self._shard_names = _agreed_token(), 0
+            if self.asynchronous and self._async_group is None:
+                import torch.distributed as dist
+
+                # Its own group: the writing thread's collectives must not mix with training's.
+                self._async_group = dist.new_group(backend="gloo")
+        elif self.asynchronous and self.write:
+            print(
+                "checkpoint: --checkpoint-async applies to a sharded model (--strategy fsdp); "
+                "this one's checkpoints are written as the run waits",
+                file=sys.stderr,
+                flush=True,
+            )
         if self.write:
             self.directory.mkdir(parents=True, exist_ok=True)
             for stale in self.directory.glob(".*.tmp"):  # left by a process killed mid-write
@@ -372,22 +401,25 @@ class Checkpoint:
     def _write_epoch_end(self, learner: Learner) -> None:
         state = learner.state_dict()  # the epoch counts as done
         plan = self._rank(learner) if self.write else None
-        self._save(learner, state, LAST, epoch_rng=False)
-        if plan is not None:
-            self._apply_best(*plan, added=learner.epoch)
-            if self._sharded:
-                remove_unused_shards(self.directory)  # of a best checkpoint dropped now
+        then = None if plan is None else functools.partial(self._apply_best, *plan, learner.epoch)
+        self._save(learner, state, LAST, epoch_rng=False, then=then)
 
     def on_fit_end(self, learner: Learner) -> None:
         if self._per_batch is not None:
             learner.plugin_manager.unregister(self._per_batch)
             self._per_batch = None
+        try:  # a checkpoint taken before an error is still a good one
+            self._finish_pending()
+        except Exception:
+            if learner.exception is None:
+                raise
         # A clean early stop (Ctrl-C, should_stop, StopFit) is a resume point; after an
         # error the state may be half-updated, so the last good last.pt stays.
         if self._saves and learner.exception is None:
             state = learner.state_dict()
             if _resume_point(state) != self._last_written:
                 self._save(learner, state, LAST)
+                self._finish_pending()
 
     @hookimpl
     def save_checkpoint(self, learner: Learner, name: str) -> Path | None:
@@ -395,6 +427,7 @@ class Checkpoint:
             return None
         if not name or Path(name).name != name or name.startswith("."):
             raise ValueError(f"save_checkpoint(name={name!r}): give a plain file name stem")
+        self._finish_pending()
         state = learner.state_dict()
         last = self._dir(learner) / f"{LAST}.pt"
         # Decided alike by every process of a sharded model: none writes a shard then.
@@ -405,7 +438,9 @@ class Checkpoint:
                 path = self._dir(learner) / f"{name}.pt"
                 atomic_copy(last, path)  # the same state: a file copy, not a second write
                 return path
-        return self._save(learner, state, name)
+        path = self._save(learner, state, name)
+        self._finish_pending()  # asked for now: written when this returns
+        return path
 
     def on_exception(self, learner: Learner, exception: BaseException) -> None:
         if isinstance(exception, RunFileError) and "checkpoint" not in str(exception):
@@ -435,16 +470,25 @@ class Checkpoint:
         return self.directory
 
     def _save(
-        self, learner: Learner, state: dict[str, Any], name: str, epoch_rng: bool = True
+        self,
+        learner: Learner,
+        state: dict[str, Any],
+        name: str,
+        epoch_rng: bool = True,
+        then: Callable[[], None] | None = None,
     ) -> Path | None:
         """Write checkpoint ``name``; a sharded model's shards first, by every process.
 
-        Returns its path, or ``None`` on a process that does not write the file.
+        ``then`` runs once the file is written (the best checkpoints' copies). Returns
+        the file's path, or ``None`` on a process that does not write it. With
+        ``asynchronous`` shards, the file is written later (:meth:`_finish_pending`).
         """
-        shards = self._save_shards(learner, state) if self._sharded else None
+        self._finish_pending()  # one checkpoint in the air at a time
+        shards, written = self._save_shards(learner, state) if self._sharded else (None, None)
         if not self.write:
             if name == LAST:
                 self._last_written = _resume_point(state)
+            self._pending = None if written is None else (written, None)
             return None
         state["history"] = [_plain(record) for record in state["history"]]
         config = learner.config
@@ -482,26 +526,61 @@ class Checkpoint:
         # The NaN guard checks here (tryfirst) and raises before anything is written.
         learner.hook.on_save_checkpoint(learner=learner, checkpoint=checkpoint)
         path = self._dir(learner) / f"{name}.pt"
+        commit = functools.partial(self._commit, checkpoint, path, name, then)
+        if written is None or written.done():
+            commit()
+        else:
+            self._pending = (written, commit)
+        return path
+
+    def _commit(
+        self, checkpoint: dict[str, Any], path: Path, name: str, then: Callable[[], None] | None
+    ) -> None:
+        """Write the checkpoint file (its shards are written): the checkpoint now counts."""
         try:
             atomic_save(checkpoint, path)
         except RunFileError as error:
-            last = self._dir(learner) / f"{LAST}.pt"
+            last = path.parent / f"{LAST}.pt"
             good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint yet"
             raise RunFileError(f"{error}; {good}") from None
         if name == LAST:
-            self._last_written = _resume_point(state)
-        if shards:
-            remove_unused_shards(self._dir(learner))  # those that no file names any more
-        return path
+            self._last_written = _resume_point(checkpoint["learner"])
+        if then is not None:
+            then()
+        if checkpoint.get("shards"):
+            remove_unused_shards(path.parent)  # those that no file names any more
 
-    def _save_shards(self, learner: Learner, state: dict[str, Any]) -> str:
-        """Write the sharded model's and optimizer's state into a new folder; return its
-        name relative to the checkpoint folder. Every process calls this, in step."""
+    def _finish_pending(self) -> None:
+        """Wait for the checkpoint being written in the background, and complete it."""
+        if self._pending is None:
+            return
+        written, commit = self._pending
+        self._pending = None
+        written.result()  # this process's shard is written (or its error raised here)
+        if commit is not None:
+            commit()
+
+    def _poll_pending(self) -> None:
+        if self._pending is not None and self._pending[0].done():
+            self._finish_pending()
+
+    def _save_shards(self, learner: Learner, state: dict[str, Any]) -> tuple[str, Future]:
+        """Start writing the sharded model's and optimizer's state into a new folder.
+
+        Returns the folder's name relative to the checkpoint folder and a future that is
+        done when this process's shard is written. Every process calls this, in step.
+        """
         token, count = self._shard_names
         self._shard_names = token, count + 1
         name = f"{SHARDS_DIR}/step{state['step']}-{token}-{count}"
-        sharded.save(self._dir(learner) / name, learner.model, learner.optimizer).result()
-        return name
+        written = sharded.save(
+            self._dir(learner) / name,
+            learner.model,
+            learner.optimizer,
+            process_group=self._async_group,
+            asynchronous=self.asynchronous,
+        )
+        return name, written
 
     # --- the best checkpoints ----------------------------------------------------------
 
@@ -562,6 +641,8 @@ class _EveryBatches:
     def on_batch_end(self, learner: Learner) -> None:
         if learner.training and (learner.step + 1) % self.owner.every == 0:
             self.owner._save(learner, learner.state_dict(), LAST)  # this batch counts as done
+        else:
+            self.owner._poll_pending()
 
 
 def _best_name(index: int, epoch: int) -> str:

@@ -22,6 +22,7 @@ from trainloop.context import RunContext
 from trainloop.data.mnist import write_idx_files
 from trainloop.data.tensors import TensorBatches
 from trainloop.plugins import distributed, precision
+from trainloop.plugins.checkpoint import Checkpoint
 from trainloop.plugins.distributed import (
     AUTO_WRAP,
     Distributed,
@@ -391,3 +392,28 @@ def test_precision_bf16_mixed_reaches_fsdp_through_the_run_context(process_group
     assert set(seen) == {(torch.bfloat16, torch.bfloat16)}  # gathered and computed in bf16
     assert learner.model[0].weight.dtype == torch.float32  # the sharded master weights
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_an_fsdp_run_resumed_from_asynchronous_checkpoints_ends_as_the_unbroken_one(
+    process_group_of_one, tmp_path
+):
+    def fsdp() -> Distributed:
+        return Distributed(device="cpu", strategy="fsdp")
+
+    unbroken = small_learner(fsdp(), Checkpoint(tmp_path / "unbroken"))
+    unbroken.fit(3)
+    part = small_learner(fsdp(), Checkpoint(tmp_path / "part", every=4, asynchronous=True))
+    part.fit(2)  # 6 batches an epoch: checkpoints after steps 4 and 8 and at 6 and 12
+    last = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert last["learner"]["step"] == 12 and sharded.is_complete(tmp_path / "part" / last["shards"])
+    named = {
+        torch.load(path, weights_only=True)["shards"] for path in (tmp_path / "part").glob("*.pt")
+    }
+    assert {f"shards/{path.name}" for path in (tmp_path / "part" / "shards").iterdir()} == named
+    resumed = small_learner(
+        fsdp(), Checkpoint(tmp_path / "resumed", resume=tmp_path / "part" / "last.pt")
+    )
+    resumed.fit(3)
+    assert_equal_states(
+        sharded.full_state_dict(resumed.model), sharded.full_state_dict(unbroken.model)
+    )
