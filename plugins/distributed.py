@@ -40,10 +40,10 @@ AUTO_WRAP = (
     "ConvTranspose3d",
     "Embedding",
     "EmbeddingBag",
-    "RNNBase",
 )
 """The module types that ``--fsdp-wrap auto`` shards as units, the outermost first: a
-transformer layer is one unit (its linear layers are not split out of it)."""
+transformer layer is one unit (its linear layers are not split out of it). Recurrent
+layers stay in the unit around them: their outputs are views, which FSDP2 warns about."""
 
 # --- module hooks: the command line ----------------------------------------------------
 
@@ -78,8 +78,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         metavar="TYPES",
         help="with --strategy fsdp: the module types sharded as units, comma-separated class "
-        "names (the whole model is one more); auto: transformer layers, linear, convolution, "
-        "embedding and recurrent layers; none: the whole model only (default: auto)",
+        "names (the whole model is one more); auto: transformer layers, attention, linear, "
+        "convolution and embedding layers; none: the whole model only (default: auto)",
     )
 
 
