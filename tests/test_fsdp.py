@@ -417,3 +417,22 @@ def test_an_fsdp_run_resumed_from_asynchronous_checkpoints_ends_as_the_unbroken_
     assert_equal_states(
         sharded.full_state_dict(resumed.model), sharded.full_state_dict(unbroken.model)
     )
+
+
+def test_an_ordinary_checkpoint_resumes_under_fsdp(process_group_of_one, tmp_path):
+    def ddp() -> Distributed:
+        return Distributed(device="cpu")
+
+    unbroken = small_learner(ddp(), Checkpoint(tmp_path / "unbroken"))
+    unbroken.fit(3)
+    small_learner(ddp(), Checkpoint(tmp_path / "ddp")).fit(1)  # the ordinary format
+    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["version"] == 1
+    resumed = small_learner(
+        Distributed(device="cpu", strategy="fsdp"),
+        Checkpoint(tmp_path / "resumed", resume=tmp_path / "ddp" / "last.pt"),
+    )
+    resumed.fit(3)  # each process takes its shard of the whole weights and momentum
+    assert sharded.is_sharded(resumed.model)
+    expected = unbroken.model.state_dict()
+    for name, value in sharded.full_state_dict(resumed.model).items():
+        assert torch.allclose(value, expected[name], atol=1e-6), name
