@@ -10,17 +10,21 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import os
+import secrets
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from trainloop import Learner, RunConfig, UsageError, hookimpl
+from trainloop import Learner, RunConfig, UsageError, hookimpl, sharded
 from trainloop.monitor import Monitor, add_monitor_options, monitored_value
 from trainloop.run_folder import (
     RunFileError,
@@ -32,7 +36,12 @@ from trainloop.run_folder import (
 from trainloop.state import capture_rng_state, json_safe, set_rng_state
 
 FORMAT = "trainloop-checkpoint"
-VERSION = 1
+VERSION = 2
+"""The newest format this plugin reads: 2 when the model is sharded, 1 otherwise."""
+PLAIN_VERSION = 1
+"""The format of a checkpoint that holds the whole model: unchanged since the first."""
+SHARDS_DIR = "shards"
+"""The folder beside the checkpoint files where sharded checkpoints keep their shards."""
 CHECKPOINT_KEY = "checkpoint"
 AUTO = "auto"
 LAST = "last"
@@ -62,6 +71,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         default=1,
         metavar="K",
         help="keep the K best checkpoints by --monitor: best.pt, best-<epoch>.pt (default: 1; 0: none)",
+    )
+    group.add_argument(
+        "--checkpoint-async",
+        action="store_true",
+        help="write a sharded model's checkpoints in the background (torch.distributed."
+        "checkpoint.async_save): training waits only for the copy of the state",
     )
     group.add_argument(
         "--resume",
@@ -105,6 +120,7 @@ def configure(config: RunConfig) -> None:
         monitor=Monitor(options.monitor, options.mode) if options.keep_best else None,
         resume=resume,
         write=config.is_main_process,
+        asynchronous=options.checkpoint_async,
     )
     plugin.options = {
         key: value for key, value in json_safe(vars(options)).items() if key not in RUN_ONLY_OPTIONS
@@ -137,6 +153,10 @@ class Checkpoint:
             ``fit`` only; ``resumed_from`` says which file was used).
         write: whether this process writes files (``False`` on all but the main
             process of a distributed run; it still resumes).
+        asynchronous: with a sharded model, write the shards in the background: the
+            state is copied when the checkpoint is taken, and the checkpoint file that
+            names the shards is written once they are (checked after each batch with
+            ``every``, and before the next checkpoint or the end of ``fit``).
     """
 
     def __init__(
@@ -148,6 +168,7 @@ class Checkpoint:
         monitor: Monitor | str | None = None,
         resume: str | Path | None = None,
         write: bool = True,
+        asynchronous: bool = False,
     ) -> None:
         if every < 0 or keep_best < 0:
             raise ValueError(f"Checkpoint(every={every}, keep_best={keep_best}): give 0 or more")
@@ -167,6 +188,16 @@ class Checkpoint:
         self._resume_rng: dict[str, Any] | None = None
         self._last_written: tuple[int, int, int] | None = None
         self._per_batch: _EveryBatches | None = None
+        self.asynchronous = asynchronous
+        self._sharded = False
+        self._shard_names: tuple[str, int] = ("", 0)  # agreed by every process, a counter
+        self._pending: tuple[Future, Callable[[], None] | None] | None = None
+        self._async_group: Any = None
+
+    @property
+    def _saves(self) -> bool:
+        """Whether this process takes part in writing checkpoints (a sharded model: all do)."""
+        return self.write or self._sharded
 
     # --- resume ------------------------------------------------------------------------
 
@@ -185,13 +216,30 @@ class Checkpoint:
         self._last_written = None
         if self.monitor is not None:
             self.monitor.best = None
+        # A sharded model is saved by every process (each writes its shard).
+        self._sharded = sharded.is_sharded(learner.model)
+        if self._sharded:
+            self._shard_names = _agreed_token(), 0
+            if self.asynchronous and self._async_group is None:
+                import torch.distributed as dist
+
+                # Its own group: the writing thread's collectives must not mix with training's.
+                self._async_group = dist.new_group(backend="gloo")
+        elif self.asynchronous and self.write:
+            print(
+                "checkpoint: --checkpoint-async applies to a sharded model (--strategy fsdp); "
+                "this one's checkpoints are written as the run waits",
+                file=sys.stderr,
+                flush=True,
+            )
         if self.write:
             self.directory.mkdir(parents=True, exist_ok=True)
             for stale in self.directory.glob(".*.tmp"):  # left by a process killed mid-write
                 stale.unlink(missing_ok=True)
-            if self.every and self._per_batch is None:  # a per-batch hook only when asked
-                self._per_batch = _EveryBatches(self)
-                learner.add_plugin(self._per_batch, "checkpoint.every-batches")
+            remove_unused_shards(self.directory)
+        if self.every and self._per_batch is None and self._saves:  # only when asked
+            self._per_batch = _EveryBatches(self)
+            learner.add_plugin(self._per_batch, "checkpoint.every-batches")
         self.optimizer_start = optimizer_hyperparameters(learner.optimizer)
         if self.resume is not None:  # the first fit only: a later fit starts afresh
             self.read_resume()
@@ -223,7 +271,7 @@ class Checkpoint:
                 f"(changed: {shown}); resume with the values it was written with, or start a "
                 "fresh run"
             )
-        mismatch = _model_mismatch(learner.model, checkpoint["model"])
+        mismatch = _model_mismatch(learner.model, _saved_shapes(checkpoint, self.resume))
         if mismatch:
             because = f" (changed: {shown})" if shown else ""
             raise UsageError(
@@ -271,19 +319,34 @@ class Checkpoint:
 
     def _restore(self, learner: Learner, checkpoint: dict[str, Any]) -> None:
         where = f"--resume {self.resume}"
-        try:
-            learner.model.load_state_dict(checkpoint["model"])
-        except RuntimeError as error:
-            raise UsageError(
-                f"{where}: its weights do not fit this model ({_one_line(error)}); "
-                "resume with the recipe and options that wrote it"
-            ) from None
-        try:
-            learner.optimizer.load_state_dict(checkpoint["optimizer"])
-        except (ValueError, KeyError) as error:
-            raise UsageError(
-                f"{where}: its optimizer state does not fit this optimizer ({_one_line(error)})"
-            ) from None
+        shards = checkpoint.get("shards")
+        if shards:
+            try:  # resharded as this run's processes and model need
+                sharded.load(self.resume.parent / shards, learner.model, learner.optimizer)
+            except (RuntimeError, ValueError, KeyError) as error:
+                raise UsageError(
+                    f"{where}: its shards in {self.resume.parent / shards} do not load into "
+                    f"this model and optimizer ({_one_line(error)}); resume with the recipe "
+                    "and options that wrote it"
+                ) from None
+            # For the plugins that read the checkpoint's model (the best weights may be it).
+            checkpoint["model"] = sharded.full_state_dict(learner.model)
+        else:
+            try:
+                sharded.load_full_state_dict(learner.model, checkpoint["model"])
+            except RuntimeError as error:
+                raise UsageError(
+                    f"{where}: its weights do not fit this model ({_one_line(error)}); "
+                    "resume with the recipe and options that wrote it"
+                ) from None
+            try:
+                sharded.load_full_optimizer_state_dict(
+                    learner.model, learner.optimizer, checkpoint["optimizer"]
+                )
+            except (ValueError, KeyError) as error:
+                raise UsageError(
+                    f"{where}: its optimizer state does not fit this optimizer ({_one_line(error)})"
+                ) from None
         saved_start = (checkpoint.get(CHECKPOINT_KEY) or {}).get("optimizer_start")
         apply_hyperparameters(learner.optimizer, saved_start, self.optimizer_start)
         learner.load_state_dict(checkpoint["learner"])
@@ -331,41 +394,53 @@ class Checkpoint:
     @hookimpl(wrapper=True)  # writes after every plugin's on_epoch_end (metrics, schedules)
     def on_epoch_end(self, learner: Learner) -> Iterator[None]:
         result = yield
-        if self.write:
+        if self._saves:
             self._write_epoch_end(learner)
         return result
 
     def _write_epoch_end(self, learner: Learner) -> None:
         state = learner.state_dict()  # the epoch counts as done
-        plan = self._rank(learner)
-        self._save(learner, state, LAST, epoch_rng=False)
-        if plan is not None:
-            self._apply_best(*plan, added=learner.epoch)
+        plan = self._rank(learner) if self.write else None
+        then = None if plan is None else functools.partial(self._apply_best, *plan, learner.epoch)
+        self._save(learner, state, LAST, epoch_rng=False, then=then)
 
     def on_fit_end(self, learner: Learner) -> None:
         if self._per_batch is not None:
             learner.plugin_manager.unregister(self._per_batch)
             self._per_batch = None
+        try:  # a checkpoint taken before an error is still a good one
+            self._finish_pending()
+        except Exception:
+            if learner.exception is None:
+                raise
         # A clean early stop (Ctrl-C, should_stop, StopFit) is a resume point; after an
         # error the state may be half-updated, so the last good last.pt stays.
-        if self.write and learner.exception is None:
+        if self._saves and learner.exception is None:
             state = learner.state_dict()
             if _resume_point(state) != self._last_written:
                 self._save(learner, state, LAST)
+                self._finish_pending()
 
     @hookimpl
     def save_checkpoint(self, learner: Learner, name: str) -> Path | None:
-        if not self.write:
+        if not self._saves:
             return None
         if not name or Path(name).name != name or name.startswith("."):
             raise ValueError(f"save_checkpoint(name={name!r}): give a plain file name stem")
+        self._finish_pending()
         state = learner.state_dict()
         last = self._dir(learner) / f"{LAST}.pt"
-        if name != LAST and _resume_point(state) == self._last_written and last.exists():
-            path = self._dir(learner) / f"{name}.pt"
-            atomic_copy(last, path)  # the same state: a file copy, not a second serialisation
-            return path
-        return self._save(learner, state, name)
+        # Decided alike by every process of a sharded model: none writes a shard then.
+        if name != LAST and _resume_point(state) == self._last_written:
+            if not self.write:
+                return None
+            if self._sharded or last.exists():
+                path = self._dir(learner) / f"{name}.pt"
+                atomic_copy(last, path)  # the same state: a file copy, not a second write
+                return path
+        path = self._save(learner, state, name)
+        self._finish_pending()  # asked for now: written when this returns
+        return path
 
     def on_exception(self, learner: Learner, exception: BaseException) -> None:
         if isinstance(exception, RunFileError) and "checkpoint" not in str(exception):
@@ -395,40 +470,117 @@ class Checkpoint:
         return self.directory
 
     def _save(
-        self, learner: Learner, state: dict[str, Any], name: str, epoch_rng: bool = True
-    ) -> Path:
+        self,
+        learner: Learner,
+        state: dict[str, Any],
+        name: str,
+        epoch_rng: bool = True,
+        then: Callable[[], None] | None = None,
+    ) -> Path | None:
+        """Write checkpoint ``name``; a sharded model's shards first, by every process.
+
+        ``then`` runs once the file is written (the best checkpoints' copies). Returns
+        the file's path, or ``None`` on a process that does not write it. With
+        ``asynchronous`` shards, the file is written later (:meth:`_finish_pending`).
+        """
+        self._finish_pending()  # one checkpoint in the air at a time
+        shards, written = self._save_shards(learner, state) if self._sharded else (None, None)
+        if not self.write:
+            if name == LAST:
+                self._last_written = _resume_point(state)
+            self._pending = None if written is None else (written, None)
+            return None
         state["history"] = [_plain(record) for record in state["history"]]
         config = learner.config
         if dataclasses.is_dataclass(config) and not isinstance(config, type):
             config = dataclasses.asdict(config)
-        checkpoint: dict[str, Any] = {
-            "format": FORMAT,
-            "version": VERSION,
-            "model": learner.model.state_dict(),
-            "optimizer": learner.optimizer.state_dict(),
-            "learner": state,
-            "rng": capture_rng_state(learner.train_data),
-            "epoch_rng": self._epoch_rng if epoch_rng and state["iteration"] else None,
-            "config": json_safe(config) if config is not None else None,
-            "options": self.options,
-            "world_size": learner.context.world_size,
-            # Per process under torchrun, where the data is split while fit runs.
-            "train_batches": _length(learner.train_data)
-            if learner.context.world_size == 1
-            else None,
-        }
+        checkpoint: dict[str, Any] = {"format": FORMAT, "version": PLAIN_VERSION}
+        if shards:
+            # The model's and optimizer's state are in the folder the file names; it
+            # counts as written once this file is (written last, atomically).
+            optimizer_groups = learner.optimizer.state_dict()["param_groups"]
+            checkpoint.update(
+                version=VERSION,
+                model=None,
+                optimizer={"param_groups": optimizer_groups},
+                shards=shards,
+            )
+        else:
+            checkpoint.update(
+                model=learner.model.state_dict(), optimizer=learner.optimizer.state_dict()
+            )
+        checkpoint.update(
+            {
+                "learner": state,
+                "rng": capture_rng_state(learner.train_data),
+                "epoch_rng": self._epoch_rng if epoch_rng and state["iteration"] else None,
+                "config": json_safe(config) if config is not None else None,
+                "options": self.options,
+                "world_size": learner.context.world_size,
+                # Per process under torchrun, where the data is split while fit runs.
+                "train_batches": _length(learner.train_data)
+                if learner.context.world_size == 1
+                else None,
+            }
+        )
         # The NaN guard checks here (tryfirst) and raises before anything is written.
         learner.hook.on_save_checkpoint(learner=learner, checkpoint=checkpoint)
         path = self._dir(learner) / f"{name}.pt"
+        commit = functools.partial(self._commit, checkpoint, path, name, then)
+        if written is None or written.done():
+            commit()
+        else:
+            self._pending = (written, commit)
+        return path
+
+    def _commit(
+        self, checkpoint: dict[str, Any], path: Path, name: str, then: Callable[[], None] | None
+    ) -> None:
+        """Write the checkpoint file (its shards are written): the checkpoint now counts."""
         try:
             atomic_save(checkpoint, path)
         except RunFileError as error:
-            last = self._dir(learner) / f"{LAST}.pt"
+            last = path.parent / f"{LAST}.pt"
             good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint yet"
             raise RunFileError(f"{error}; {good}") from None
         if name == LAST:
-            self._last_written = _resume_point(state)
-        return path
+            self._last_written = _resume_point(checkpoint["learner"])
+        if then is not None:
+            then()
+        if checkpoint.get("shards"):
+            remove_unused_shards(path.parent)  # those that no file names any more
+
+    def _finish_pending(self) -> None:
+        """Wait for the checkpoint being written in the background, and complete it."""
+        if self._pending is None:
+            return
+        written, commit = self._pending
+        self._pending = None
+        written.result()  # this process's shard is written (or its error raised here)
+        if commit is not None:
+            commit()
+
+    def _poll_pending(self) -> None:
+        if self._pending is not None and self._pending[0].done():
+            self._finish_pending()
+
+    def _save_shards(self, learner: Learner, state: dict[str, Any]) -> tuple[str, Future]:
+        """Start writing the sharded model's and optimizer's state into a new folder.
+
+        Returns the folder's name relative to the checkpoint folder and a future that is
+        done when this process's shard is written. Every process calls this, in step.
+        """
+        token, count = self._shard_names
+        self._shard_names = token, count + 1
+        name = f"{SHARDS_DIR}/step{state['step']}-{token}-{count}"
+        written = sharded.save(
+            self._dir(learner) / name,
+            learner.model,
+            learner.optimizer,
+            process_group=self._async_group,
+            asynchronous=self.asynchronous,
+        )
+        return name, written
 
     # --- the best checkpoints ----------------------------------------------------------
 
@@ -489,6 +641,8 @@ class _EveryBatches:
     def on_batch_end(self, learner: Learner) -> None:
         if learner.training and (learner.step + 1) % self.owner.every == 0:
             self.owner._save(learner, learner.state_dict(), LAST)  # this batch counts as done
+        else:
+            self.owner._poll_pending()
 
 
 def _best_name(index: int, epoch: int) -> str:
@@ -538,15 +692,27 @@ def _fixed_fields(learner: Learner) -> set[str]:
     }
 
 
+def _saved_shapes(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The shape of each entry of the checkpoint's model state (``None``: not a tensor)."""
+    shards = checkpoint.get("shards")
+    if shards:
+        return dict(sharded.saved_model_shapes(path.parent / shards))
+    return {name: getattr(value, "shape", None) for name, value in checkpoint["model"].items()}
+
+
 def _model_mismatch(model: torch.nn.Module, saved: dict[str, Any]) -> str:
-    """What keeps ``saved`` from loading into ``model``, in a few words ('' when it fits)."""
+    """What keeps a state of the ``saved`` shapes (by name) from loading into ``model``,
+    in a few words ('' when it fits)."""
     state = model.state_dict()
     missing = [name for name in state if name not in saved]
     unexpected = [name for name in saved if name not in state]
     shapes = [
-        f"{name}: {_shape(saved[name])} in the checkpoint, {_shape(value)} here"
+        f"{name}: {_shape(saved[name])} in the checkpoint, {_shape(value.shape)} here"
         for name, value in state.items()
-        if name in saved and hasattr(value, "shape") and saved[name].shape != value.shape
+        if name in saved
+        and hasattr(value, "shape")
+        and saved[name] is not None
+        and tuple(saved[name]) != tuple(value.shape)
     ]
     parts = []
     if shapes:
@@ -560,8 +726,8 @@ def _model_mismatch(model: torch.nn.Module, saved: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _shape(tensor: Any) -> str:
-    return "x".join(str(size) for size in tensor.shape) or "scalar"
+def _shape(shape: Any) -> str:
+    return "x".join(str(size) for size in shape) or "scalar"
 
 
 def _flag(name: str) -> str:
@@ -656,7 +822,46 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [key for key in _REQUIRED_KEYS if key not in checkpoint]
     if missing:
         raise UsageError(f"{where}: incomplete checkpoint, without {', '.join(missing)}")
+    shards = checkpoint.get("shards")
+    if shards and not sharded.is_complete(path.parent / shards):
+        raise UsageError(
+            f"{where}: its shards folder {path.parent / shards} is missing or incomplete; a "
+            "sharded checkpoint is the file and the folder it names, side by side: copy both"
+        )
     return checkpoint
+
+
+def remove_unused_shards(directory: Path) -> None:
+    """Delete the shard folders in ``directory`` that no checkpoint file there names.
+
+    Left by a file that was replaced or dropped, or by a process killed while it wrote
+    them. Nothing is deleted when a checkpoint file cannot be read (what it names is
+    then unknown).
+    """
+    folder = Path(directory) / SHARDS_DIR
+    if not folder.is_dir():
+        return
+    named = set()
+    for path in Path(directory).glob("*.pt"):
+        try:  # mmap: the file's tensors are not read
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return
+        if isinstance(checkpoint, dict) and checkpoint.get("shards"):
+            named.add(Path(checkpoint["shards"]).name)
+    for entry in folder.iterdir():
+        if entry.name not in named:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _agreed_token() -> str:
+    """A random word that every process of the run receives from rank 0."""
+    import torch.distributed as dist
+
+    token = [secrets.token_hex(3)]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
 
 
 def _one_line(error: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""distributed: data-parallel training on several processes with torch.distributed (DDP).
+"""distributed: training on several processes with torch.distributed: DDP, or FSDP2 with ``--strategy fsdp``.
 
 See docs/plugins/distributed.md.
 """
@@ -11,7 +11,7 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,26 @@ from trainloop.context import LAUNCH_VARIABLES, RunContext, gpu_of_local_rank
 from trainloop.data.seeding import SeededSampler
 from trainloop.data.tensors import TensorBatches
 from trainloop.run_folder import new_run_dir
+
+STRATEGIES = ("ddp", "fsdp")
+AUTO_WRAP = (
+    "TransformerEncoderLayer",
+    "TransformerDecoderLayer",
+    "MultiheadAttention",
+    "Linear",
+    "Bilinear",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
+    "Embedding",
+    "EmbeddingBag",
+)
+"""The module types that ``--fsdp-wrap auto`` shards as units, the outermost first: a
+transformer layer is one unit (its linear layers are not split out of it). Recurrent
+layers stay in the unit around them: their outputs are views, which FSDP2 warns about."""
 
 # --- module hooks: the command line ----------------------------------------------------
 
@@ -45,6 +65,22 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="process group backend; auto: nccl on GPUs, gloo on the CPU (default: auto)",
     )
+    group.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="ddp",
+        help="ddp: a whole model per process, gradients averaged (DistributedDataParallel); "
+        "fsdp: the model sharded between the processes (FSDP2's fully_shard), checkpoints "
+        "written as one shard per process (default: ddp)",
+    )
+    group.add_argument(
+        "--fsdp-wrap",
+        default="auto",
+        metavar="TYPES",
+        help="with --strategy fsdp: the module types sharded as units, comma-separated class "
+        "names (the whole model is one more); auto: transformer layers, attention, linear, "
+        "convolution and embedding layers; none: the whole model only (default: auto)",
+    )
 
 
 @hookimpl(trylast=True)  # it needs the device that the device plugin chose
@@ -52,6 +88,11 @@ def configure_context(context: RunContext, options: argparse.Namespace) -> None:
     if not launched():
         if options.nproc_per_node is not None:
             raise SystemExit(hand_off_to_torchrun(options, context))
+        if options.strategy == "fsdp":
+            raise UsageError(
+                "--strategy fsdp shards the model between processes: start the run under "
+                "torchrun, or add --nproc-per-node N"
+            )
         return
     init_process_group(options.dist_backend, context.device)
 
@@ -69,10 +110,68 @@ def make_run_dir(recipe_path: Path, context: RunContext) -> Path | None:
 def configure(config: RunConfig) -> None:
     if not launched():
         return
+    options = config.options
     plugin = Distributed(
-        device=config.context.device, backend=config.options.dist_backend, seed=config.options.seed
+        device=config.context.device,
+        backend=options.dist_backend,
+        seed=options.seed,
+        strategy=options.strategy,
+        wrap=parse_wrap(options.fsdp_wrap),
     )
-    config.plugin_manager.register(plugin, "distributed.ddp")
+    config.plugin_manager.register(plugin, f"distributed.{options.strategy}")
+
+
+@hookimpl
+def check_run(config: RunConfig, learner: Learner) -> None:
+    if launched() and config.options.strategy == "fsdp":
+        check_wrap(learner.model, parse_wrap(config.options.fsdp_wrap))
+
+
+def parse_wrap(text: str) -> tuple[str, ...]:
+    """The class names of ``--fsdp-wrap TYPES``: ``auto`` is :data:`AUTO_WRAP`, ``none`` nothing."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if names == ("auto",):
+        return AUTO_WRAP
+    if names in ((), ("none",)):
+        return ()
+    return names
+
+
+def check_wrap(model: torch.nn.Module, names: Iterable[str]) -> None:
+    """Raise a one-line UsageError naming each of ``names`` that no submodule of ``model`` is."""
+    names = tuple(names)
+    if names == AUTO_WRAP:
+        return
+    present = {cls.__name__ for module in model.modules() for cls in type(module).__mro__}
+    absent = [name for name in names if name not in present]
+    if absent:
+        types = sorted({type(module).__name__ for module in model.modules()})
+        raise UsageError(
+            f"--fsdp-wrap {','.join(absent)}: no submodule of {type(model).__name__} is of that "
+            f"type; give some of {', '.join(types)} (or auto, or none)"
+        )
+
+
+def shard_units(model: torch.nn.Module, names: Iterable[str]) -> list[torch.nn.Module]:
+    """The submodules of ``model`` that FSDP shards as units: those of a type in ``names``.
+
+    A class matches by its own name or a base class's. Searched from the top: inside a
+    unit nothing more is taken (a transformer layer is one unit, not its linear layers).
+    Modules without parameters are left out. ``model`` itself is not in the list.
+    """
+    names = set(names)
+    units: list[torch.nn.Module] = []
+
+    def visit(module: torch.nn.Module) -> None:
+        for child in module.children():
+            if {cls.__name__ for cls in type(child).__mro__} & names:
+                if next(child.parameters(), None) is not None:
+                    units.append(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return units
 
 
 @hookimpl
@@ -368,19 +467,43 @@ def shard_valid_data(data: Any, rank: int, world_size: int) -> Any:
 # --- the per-run plugin ----------------------------------------------------------------
 
 
+def even_valid_data(data: Any, rank: int, world_size: int) -> Any:
+    """This process's share of the validation data when every process has as many batches.
+
+    A sharded model gathers its parameters in every forward pass, with every process:
+    so the shares of :func:`shard_valid_data` are used when they hold as many batches
+    each, and otherwise every process validates all of the data (each sample is then
+    counted ``world_size`` times, in the sums and in the counts alike, so the metrics
+    are still those of the full set).
+    """
+    shares = [shard_valid_data(data, other, world_size) for other in range(world_size)]
+    try:
+        even = len({len(share) for share in shares}) == 1
+    except TypeError:  # no length: it cannot be told
+        even = False
+    return shares[rank] if even else data
+
+
 class Distributed:
-    """DistributedDataParallel training in a process started by torchrun.
+    """Training on the processes that torchrun started: DDP, or FSDP2 for a sharded model.
 
     Joins the process group if no one has (and then leaves it when ``fit`` ends),
-    wraps the model in DDP (the ``wrap_model`` set-up step), gives each process its
-    share of the training and validation data (``setup_data``), and sums the
-    validation totals over the processes.
+    wraps the model (the ``wrap_model`` set-up step): in DistributedDataParallel, or,
+    with ``strategy="fsdp"``, shards it with ``fully_shard`` (each unit of ``wrap``,
+    then the whole model); gives each process its share of the training and validation
+    data (``setup_data``), and sums the validation totals over the processes.
 
     Args:
         device: this process's device; default :func:`local_device`.
         backend: ``"nccl"``, ``"gloo"`` or ``"auto"`` (NCCL for CUDA, else gloo).
         seed: seeds the order of the training samples (with the epoch).
         find_unused_parameters: passed to DistributedDataParallel.
+        strategy: ``"ddp"`` or ``"fsdp"``.
+        wrap: under FSDP, the class names of the submodules sharded as units
+            (:func:`shard_units`); default :data:`AUTO_WRAP`.
+        mixed_precision: under FSDP, the dtype the parameters are gathered in for the
+            forward and backward passes (gradients are reduced in float32); default
+            ``learner.context.mixed_precision_dtype``, which ``--precision`` sets.
     """
 
     def __init__(
@@ -389,11 +512,19 @@ class Distributed:
         backend: str = "auto",
         seed: int = 0,
         find_unused_parameters: bool = False,
+        strategy: str = "ddp",
+        wrap: Iterable[str] = AUTO_WRAP,
+        mixed_precision: torch.dtype | None = None,
     ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"Distributed(strategy={strategy!r}): use one of {STRATEGIES}")
         self.device = torch.device(device) if device is not None else local_device()
         self.backend = backend
         self.seed = seed
         self.find_unused_parameters = find_unused_parameters
+        self.strategy = strategy
+        self.wrap = tuple(wrap)
+        self.mixed_precision = mixed_precision
         self._owns_group = False
 
     @hookimpl
@@ -401,6 +532,8 @@ class Distributed:
         self._owns_group = init_process_group(self.backend, self.device) or self._owns_group
         learner.context.rank, learner.context.world_size = dist.get_rank(), dist.get_world_size()
         module.to(self.device)  # a no-op when the device plugin placed it
+        if self.strategy == "fsdp":
+            return self._shard(learner, module)
         # DDP copies rank 0's parameters and buffers to every process here.
         return TrainingDDP(
             module,
@@ -408,11 +541,30 @@ class Distributed:
             find_unused_parameters=self.find_unused_parameters,
         )
 
+    def _shard(self, learner: Learner, module: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        with torch.no_grad():  # every process starts from rank 0's weights, as under DDP
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor, src=0)
+        dtype = self.mixed_precision or learner.context.mixed_precision_dtype
+        policy = MixedPrecisionPolicy(
+            param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None
+        )
+        for unit in shard_units(module, self.wrap):
+            fully_shard(unit, mp_policy=policy)
+        fully_shard(module, mp_policy=policy)  # the rest, and the root that starts each pass
+        return module
+
     @hookimpl
     def setup_data(self, learner: Learner) -> None:
         rank, world_size = learner.context.rank, learner.context.world_size
         learner.train_data = shard_train_data(learner.train_data, rank, world_size, self.seed)
-        if learner.valid_data is not None:
+        if learner.valid_data is None:
+            return
+        if self.strategy == "fsdp":
+            learner.valid_data = even_valid_data(learner.valid_data, rank, world_size)
+        else:
             learner.valid_data = shard_valid_data(learner.valid_data, rank, world_size)
 
     def on_epoch_begin(self, learner: Learner) -> None:

@@ -17,6 +17,7 @@ from trainloop import Learner, RunConfig, hookimpl
 from trainloop.monitor import Monitor, add_monitor_options, monitored_value
 from trainloop.recipe import config_from_dict
 from trainloop.run_folder import atomic_save
+from trainloop.sharded import full_state_dict, is_sharded, load_full_state_dict
 from trainloop.state import json_safe
 
 FORMAT = "trainloop-model"
@@ -111,7 +112,7 @@ class ModelSaver:
         if self.monitor is None or monitored_value(self.monitor, learner) is None:
             return
         if self.monitor.update(learner.metrics):
-            self._best_weights = _cpu_copy(learner.model.state_dict())
+            self._best_weights = full_state_dict(learner.model)  # every process: it gathers
             self.best_metrics = {"epoch": learner.epoch, **learner.metrics}
             self._best_step = learner.step
 
@@ -120,7 +121,7 @@ class ModelSaver:
             return
         if self._best_step == learner.step:
             return  # the model holds the best weights already (the last epoch was the best)
-        learner.model.load_state_dict(self._best_weights)
+        load_full_state_dict(learner.model, self._best_weights)
         self._best_step = learner.step  # loaded once: a second predict keeps them
         if self.write:
             metric = self.monitor.metric
@@ -164,15 +165,21 @@ class ModelSaver:
 
     def on_fit_end(self, learner: Learner) -> None:
         error = learner.exception
-        if not self.write or not (error is None or isinstance(error, KeyboardInterrupt)):
+        if not (error is None or isinstance(error, KeyboardInterrupt)):
+            return
+        # A sharded model's weights are gathered by every process; others are read by
+        # the one that writes.
+        if not self.write and not is_sharded(learner.model):
             return
         if self._best_weights is not None:
             weights, metrics = self._best_weights, self.best_metrics or {}
         elif error is not None:
             return  # stopped mid-batch: the live weights may be half-way through a step
         else:
-            weights = _cpu_copy(learner.model.state_dict())
+            weights = full_state_dict(learner.model)
             metrics = learner.history[-1] if learner.history else {}
+        if not self.write:
+            return
         config = learner.config
         if dataclasses.is_dataclass(config) and not isinstance(config, type):
             config = dataclasses.asdict(config)
@@ -191,10 +198,6 @@ def _same_weights(state: dict[str, Any] | None, weights: dict[str, torch.Tensor]
     if state is None or weights is None or state.keys() != weights.keys():
         return False
     return all(torch.equal(state[name].detach().cpu(), weights[name]) for name in weights)
-
-
-def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
 
 
 def rebuild(path: str | Path, recipe: str | Path | None = None) -> Learner:

@@ -12,9 +12,11 @@ import torch
 from torch.amp.autocast_mode import is_autocast_available
 
 from trainloop import Learner, RunConfig, UsageError, hookimpl
+from trainloop.context import RunContext
 
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 CHECKPOINT_KEY = "grad_scaler"
+DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
 
 @hookimpl
@@ -27,6 +29,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         help="32: float32; bf16-mixed or 16-mixed: autocast (16-mixed adds a GradScaler)"
         " (default: 32)",
     )
+
+
+@hookimpl
+def configure_context(context: RunContext, options: argparse.Namespace) -> None:
+    # Public, for a plugin that shards the model and casts its gathered parameters.
+    context.mixed_precision_dtype = DTYPES.get(options.precision)
 
 
 @hookimpl
@@ -83,7 +91,7 @@ class Precision:
         if precision == "16-mixed" and not isinstance(self, ScaledPrecision):
             raise ValueError("Precision('16-mixed') needs a GradScaler: use ScaledPrecision()")
         self.precision = precision
-        self.dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
+        self.dtype = DTYPES.get(precision)
         self._device_type = "cpu"
 
     def _use_model_device(self, learner: Learner) -> None:

@@ -153,7 +153,9 @@ def test_a_number_of_processes_below_one_is_one_line_and_exit_status_2(capsys):
 def test_outside_torchrun_the_plugin_registers_nothing(monkeypatch):
     for name in distributed.LAUNCH_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    options = argparse.Namespace(nproc_per_node=None, device="auto", dist_backend="auto", seed=0)
+    options = argparse.Namespace(
+        nproc_per_node=None, device="auto", dist_backend="auto", seed=0, strategy="ddp"
+    )
     config = RunConfig(options, Path("unused"), Path("r.py"), None, PluginManager())
     distributed.configure_context(context=config.context, options=options)
     distributed.configure(config=config)

@@ -29,7 +29,11 @@ def test_the_builtins_register_in_the_declared_order_not_by_file_name(builtins):
 
 # The hooks where the order between plugins decides behaviour, as it must stay.
 FIXED_ORDER = {
-    "configure_context": [("device", ""), ("distributed", "trylast")],
+    "configure_context": [
+        ("precision", ""),  # independent of the others: sets the mixed precision dtype
+        ("device", ""),
+        ("distributed", "trylast"),  # joins the process group on the device chosen
+    ],
     "on_epoch_end": [
         ("checkpoint:Checkpoint", "wrapper"),  # writes after everyone's epoch end
         ("nan_guard:NanGuard", "tryfirst"),

@@ -37,12 +37,17 @@ class RunContext:
         rank: this process's number among the run's processes, from 0.
         world_size: how many processes train together (1 without torchrun).
         local_rank: this process's number on its machine (picks its GPU).
+        mixed_precision_dtype: the lower precision the forward pass computes in
+            (``torch.bfloat16`` or ``torch.float16``), or ``None`` for float32. The
+            precision plugin sets it from ``--precision``; a plugin that shards the
+            model gathers the parameters in it (FSDP's ``MixedPrecisionPolicy``).
     """
 
     device: torch.device | None = None
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    mixed_precision_dtype: torch.dtype | None = None
 
     @property
     def is_main_process(self) -> bool:

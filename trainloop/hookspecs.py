@@ -198,11 +198,13 @@ def compile_model(learner: Learner, module: torch.nn.Module) -> torch.nn.Module 
 def wrap_model(learner: Learner, module: torch.nn.Module) -> torch.nn.Module | None:
     """Return a wrapper around ``module`` (the compiled one, if any), or ``None``.
 
-    The distributed plugin returns DistributedDataParallel here. The learner calls the
-    result for every forward pass (``learner.module``) and keeps ``learner.model`` the
-    bare module, whose ``state_dict`` checkpoints hold. A wrapper that replaces the
-    model's parameters (FSDP) makes the learner build its optimizer again from the
-    optimizer factory it was given.
+    The distributed plugin returns DistributedDataParallel here, or, with ``--strategy
+    fsdp``, the module itself sharded in place by FSDP2's ``fully_shard``. The learner
+    calls the result for every forward pass (``learner.module``) and keeps
+    ``learner.model`` the bare module, whose ``state_dict`` checkpoints hold (under FSDP
+    its parameters are shards: :mod:`trainloop.sharded` gives the ordinary state dict).
+    A wrapper that replaces the model's parameters (FSDP) makes the learner build its
+    optimizer again from the optimizer factory it was given.
     """
 
 
