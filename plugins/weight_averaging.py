@@ -22,6 +22,7 @@ from torch.optim.swa_utils import (
 )
 
 from trainloop import Learner, RunConfig, UsageError, hookimpl
+from trainloop.sharded import is_sharded
 from trainloop.state import capture_rng_state, set_rng_state
 
 CHECKPOINT_KEY = "weight_averaging"
@@ -179,6 +180,12 @@ class WeightAveraging:
 
     @hookimpl(tryfirst=True)  # the average exists before the checkpoint plugin restores it
     def on_fit_begin(self, learner: Learner) -> None:
+        if is_sharded(learner.model):  # AveragedModel copies the whole model
+            raise UsageError(
+                f"--{'ema' if self.mode == EMA else 'swa-start'}: weight averaging needs the "
+                "whole model in every process; it does not work with a sharded one "
+                "(--strategy fsdp): use --strategy ddp"
+            )
         self._swap_out(learner)  # a fit after a fit trains on, from the training weights
         self.averaged = AveragedModel(
             learner.model,

@@ -19,7 +19,6 @@ import torch
 from trainloop import Learner, UsageError, sharded
 from trainloop.cli import main
 from trainloop.context import RunContext
-from trainloop.data.mnist import write_idx_files
 from trainloop.data.tensors import TensorBatches
 from trainloop.plugins import distributed, precision
 from trainloop.plugins.checkpoint import Checkpoint
@@ -31,7 +30,9 @@ from trainloop.plugins.distributed import (
     parse_wrap,
     shard_units,
 )
+from trainloop.plugins.weight_averaging import WeightAveraging
 from trainloop.recipe import load_recipe
+from trainloop.tasks.mnist.data import write_idx_files
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_RECIPE = ROOT / "recipes" / "mnist_mlp.py"
@@ -436,3 +437,13 @@ def test_an_ordinary_checkpoint_resumes_under_fsdp(process_group_of_one, tmp_pat
     expected = unbroken.model.state_dict()
     for name, value in sharded.full_state_dict(resumed.model).items():
         assert torch.allclose(value, expected[name], atol=1e-6), name
+
+
+def test_weight_averaging_of_a_sharded_model_is_one_line(process_group_of_one):
+    learner = small_learner(Distributed(device="cpu", strategy="fsdp"), WeightAveraging(ema=0.9))
+    with pytest.raises(UsageError) as raised:
+        learner.fit(1)
+    assert str(raised.value) == (
+        "--ema: weight averaging needs the whole model in every process; it does not work "
+        "with a sharded one (--strategy fsdp): use --strategy ddp"
+    )
