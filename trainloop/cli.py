@@ -576,8 +576,6 @@ def find_lr(argv: list[str]) -> int:
             )
             return 0
         raise UsageError("give a recipe: trainloop lr-find RECIPE.py [options]")
-    from trainloop.lr_find import lr_find, write_files
-
     recipe_path = Path(argv[0])
     prog = f"trainloop lr-find {recipe_path}"
     selection, _ = _plugin_selection(argv[1:], prog)
@@ -661,6 +659,8 @@ def find_lr(argv: list[str]) -> int:
                 f"--out {config.run_dir} already holds files ({shown}): lr-find writes into a "
                 "new or empty folder; give another --out"
             )
+
+    from trainloop.lr_find import lr_find, write_files
 
     with current_run(context, manager):  # the run's context and manager, for recipe and plugins
         try:
