@@ -26,6 +26,7 @@ from trainloop.check_resume import (
     _kill_points,
     _Records,
     check_resume,
+    timing_metrics,
 )
 from trainloop.check_resume import fingerprint as content_print
 from trainloop.cli import main
@@ -124,7 +125,8 @@ CARVANA = ["--image-size", "32", "16", "--depth", "2", "--base-width", "4", "--b
            "--epochs", "2", "--no-tensorboard"]  # fmt: skip
 EVERY_PLUGIN = ["--lr-schedule", "onecycle", "--accumulate", "2", "--clip-grad-norm", "1.0",
                 "--early-stop-patience", "5", "--keep-best", "2", "--summary",
-                "--tensorboard-every", "1", "--precision", "bf16-mixed", "--progress", "plain"]  # fmt: skip
+                "--tensorboard-every", "1", "--precision", "bf16-mixed", "--progress", "plain",
+                "--ema", "0.9"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -152,14 +154,19 @@ def checks(data: Path) -> dict[str, ResumeReport | subprocess.CompletedProcess]:
     carvana = [str(RECIPES / "unet_carvana.py"), "--input-dir", str(data / "carvana"), *CARVANA]
     calls = {
         "single_node": lambda: check_resume(
-            RECIPES / "single_node.py", ["--epochs", "2", "--steps-per-epoch", "6"], kills=1
+            RECIPES / "single_node.py",
+            ["--epochs", "2", "--steps-per-epoch", "6", "--profile", "2"],
+            kills=1,
         ),
         "mnist_mlp with every plugin": lambda: check_resume(
             RECIPES / "mnist_mlp.py", [*mnist, *EVERY_PLUGIN], kills=2, jobs=2
         ),
         "carvana, 0 workers": lambda: _cli(data, *carvana, "--no-predict", "--kills", "1"),
         "carvana, 2 workers": lambda: check_resume(
-            carvana[0], [*carvana[1:], "--workers", "2"], kills=1, compare_files=["submit.csv.gz"]
+            carvana[0],
+            [*carvana[1:], "--workers", "2", "--swa-start", "1"],
+            kills=1,
+            compare_files=["submit.csv.gz"],
         ),
         "broken sampler": lambda: _cli(data, tiny, "--broken", "sampler", "--kills", "1"),
         "broken plugin": lambda: check_resume(tiny, ["--broken", "plugin"], kills=1),
@@ -200,8 +207,10 @@ def test_the_command_prints_one_identical_row_per_kill_and_exits_0(checks):
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("check-resume ") and "8 steps (2 epoch ends" in lines[0]
-    assert lines[2] == "kill  killed at step  resumed from step  result"
-    (row,) = lines[3:-1]
+    # the throughput plugin's timings differ between any two runs: left out, and said so
+    assert lines[2] == "not compared (timings): train_data_wait, train_samples_per_second"
+    assert lines[3] == "kill  killed at step  resumed from step  result"
+    (row,) = lines[4:-1]
     assert row.split()[0] == "1" and row.split()[-1] == "identical"
     assert lines[-1].startswith("resume is exact: 1 of 1 kills identical")
 
@@ -406,3 +415,20 @@ def test_a_file_that_differs_only_at_the_end_is_named(tmp_path):
     assert result.first_difference is None
     assert result.differences == ["metrics.jsonl: 2 lines, the run never stopped has 1"]
     assert result.culprit.startswith("metrics.jsonl: 2 lines")
+
+
+def test_timings_are_left_out_of_metrics_jsonl_and_a_csv_file(tmp_path):
+    folders = _run_folders(tmp_path)
+    for folder, rate in zip(folders, (80.5, 91.0)):  # the same epoch, timed differently
+        (folder / "metrics.jsonl").write_text(
+            f'{{"epoch": 0, "train_samples_per_second": {rate}}}\n'
+        )
+        (folder / "metrics.csv").write_text(f"epoch,train_samples_per_second,loss\n0,{rate},0.5\n")
+    reference = _records(steps=8, batches_per_epoch=4)
+    resumed = copy.deepcopy(reference)
+    resumed.start = {"step": 4}
+    for ignored, identical in (((), False), (timing_metrics(), True)):
+        result = KillResult(number=1, kill_step=5, resumed_from=4)
+        segments = [copy.deepcopy(reference), resumed]
+        _compare(result, reference, segments, *folders, ["metrics.csv"], ignored)
+        assert result.identical == identical, result.differences

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import csv
 import dataclasses
 import hashlib
 import json
@@ -17,7 +18,7 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,15 @@ from trainloop.errors import Stopped, UsageError
 from trainloop.hookspecs import hookimpl
 from trainloop.state import capture_rng_state
 
-__all__ = ["KillResult", "ResumeProbe", "ResumeReport", "check_resume", "fingerprint", "main"]
+__all__ = [
+    "KillResult",
+    "ResumeProbe",
+    "ResumeReport",
+    "check_resume",
+    "fingerprint",
+    "main",
+    "timing_metrics",
+]
 
 PROBE_SPEC = "trainloop.check_resume:ResumeProbe"
 """How the runs of a check load :class:`ResumeProbe` (``-p``)."""
@@ -132,6 +141,7 @@ class ResumeReport:
         checkpoint_every: the runs wrote a checkpoint every this many batches.
         kill_seed: the seed the kill points were drawn with.
         kill_steps: the steps drawn to kill at, in order.
+        ignored_metrics: the run's metrics left out of the comparisons (timings).
         reference_seconds: how long the run never stopped took.
         seconds: how long the whole check took.
         kills: one :class:`KillResult` per kill, in the order of their steps.
@@ -146,6 +156,7 @@ class ResumeReport:
     kill_seed: int
     kill_steps: list[int]
     reference_seconds: float
+    ignored_metrics: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     kills: list[KillResult] = dataclasses.field(default_factory=list)
 
@@ -166,13 +177,16 @@ class ResumeReport:
         else:
             ends = _count(self.epoch_ends, "epoch end")
             epochs = f"{ends}, epochs of {_count(self.batches_per_epoch, 'batch')}"
-        return [
+        lines = [
             f"check-resume {self.recipe}: {self.steps} steps ({epochs}), a checkpoint {every}",
             f"uninterrupted: {self.steps} steps in {self.reference_seconds:.1f}s; "
             f"{_count(len(self.kill_steps), 'kill')} (--kill-seed {self.kill_seed}), each "
             "resumed with --resume",
             "kill  killed at step  resumed from step  result",
         ]
+        if self.ignored_metrics:  # before the table's head
+            lines.insert(2, f"not compared (timings): {', '.join(self.ignored_metrics)}")
+        return lines
 
     def footer(self) -> list[str]:
         """The lines printed after the kills: each differing kill's diagnosis, the verdict."""
@@ -220,6 +234,7 @@ def check_resume(
     kill_seed: int = 0,
     checkpoint_every: int = 1,
     compare_files: Sequence[str] = (),
+    ignore_metrics: Sequence[str] = (),
     jobs: int = 1,
     work_dir: str | Path | None = None,
     timeout: float | None = None,
@@ -253,7 +268,10 @@ def check_resume(
         kill_seed: the seed of the kill points: the same seed, the same kills. The first
             kill falls after the first epoch's end when the stretch has one.
         checkpoint_every: the runs write ``last.pt`` every this many batches.
-        compare_files: files of the run folder to compare too (``metrics.csv``).
+        compare_files: files of the run folder to compare too (``metrics.csv``); a
+            ``.jsonl`` or ``.csv`` file without the metrics left out.
+        ignore_metrics: metrics to leave out of every comparison, besides the timings
+            of :func:`timing_metrics` (a timing that a plugin of yours reports).
         jobs: how many killed runs go on at a time.
         work_dir: where the run folders go (kept); default a temporary folder, removed.
         timeout: seconds after which a run counts as hung (default: no limit).
@@ -280,7 +298,10 @@ def check_resume(
             recipe_path = name = str(recipe)
             if not Path(recipe_path).is_file():
                 raise UsageError(f"recipe {recipe_path} does not exist: give a recipe .py file")
-        runner = _Runner(recipe_path, list(options), checkpoint_every, work, timeout)
+        ignored = {*timing_metrics(), *ignore_metrics}
+        runner = _Runner(
+            recipe_path, list(options), checkpoint_every, work, timeout, compare_files, ignored
+        )
         reference = runner.reference(steps, name)
         points = _kill_points(reference, kills, kill_seed, name, checkpoint_every)
         report = ResumeReport(
@@ -293,13 +314,14 @@ def check_resume(
             kill_seed=kill_seed,
             kill_steps=points,
             reference_seconds=reference.seconds,
+            ignored_metrics=sorted(ignored & reference.metric_names),
         )
         say = echo or (lambda line: None)
         for line in report.header():
             say(line)
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
             results = pool.map(
-                lambda numbered: runner.kill_and_resume(*numbered, reference, compare_files),
+                lambda numbered: runner.kill_and_resume(*numbered, reference),
                 enumerate(points, start=1),
             )
             try:
@@ -341,6 +363,16 @@ def _check_arguments(
                 f"{name}: check-resume chooses the run folders and resumes itself; drop it "
                 "(--work-dir DIR keeps the run folders)"
             )
+
+
+def timing_metrics() -> tuple[str, ...]:
+    """The metrics that time a run (the throughput plugin's): they differ between any two
+    runs, resumed or not, so a check leaves them out."""
+    try:
+        from trainloop.plugins.throughput import DATA_WAIT, SAMPLES_PER_SECOND
+    except ImportError:  # the plugin is not there
+        return ()
+    return (SAMPLES_PER_SECOND, DATA_WAIT)
 
 
 def _work_folder(work_dir: str | Path | None) -> tuple[Path, bool]:
@@ -451,13 +483,22 @@ class _Runner:
     """Starts the runs of one check and compares them."""
 
     def __init__(
-        self, recipe: str, options: list[str], every: int, work: Path, timeout: float | None
+        self,
+        recipe: str,
+        options: list[str],
+        every: int,
+        work: Path,
+        timeout: float | None,
+        compare_files: Sequence[str],
+        ignored: Collection[str],
     ) -> None:
         self.recipe = recipe
         self.options = options
         self.every = every
         self.work = work
         self.timeout = timeout
+        self.compare_files = list(compare_files)
+        self.ignored = sorted(ignored)
         self.stop_at: int | None = None
         self.live: set[subprocess.Popen] = set()  # the runs going on, to stop on Ctrl-C
         self.lock = threading.Lock()
@@ -471,6 +512,7 @@ class _Runner:
     def run(
         self, name: str, out: Path, settings: dict[str, Any], resume: bool = False
     ) -> _Finished:
+        settings = {**settings, "ignore": self.ignored}
         environment = {**os.environ, ENVIRONMENT: json.dumps(settings)}
         environment["PYTHONPATH"] = _python_path(environment.get("PYTHONPATH"))
         started = time.monotonic()
@@ -533,9 +575,7 @@ class _Runner:
             self.stop_at = reference.steps
         return reference
 
-    def kill_and_resume(
-        self, number: int, kill_step: int, reference: _Records, compare_files: Sequence[str]
-    ) -> KillResult:
+    def kill_and_resume(self, number: int, kill_step: int, reference: _Records) -> KillResult:
         result = KillResult(number=number, kill_step=kill_step)
         name = f"kill-{number}"
         out = self.work / name
@@ -562,7 +602,7 @@ class _Runner:
             )
             result.culprit = f"the resume itself fails: {resumed.error()}"
             return result
-        _compare(result, reference, segments, reference.out, out, compare_files)
+        _compare(result, reference, segments, reference.out, out, self.compare_files, self.ignored)
         return result
 
 
@@ -614,6 +654,10 @@ class _Records:
     @property
     def steps(self) -> int:
         return max(self.batches, default=self.start_step)
+
+    @property
+    def metric_names(self) -> set[str]:
+        return set((self.end or {}).get("metrics") or ())
 
     @property
     def epoch_ends(self) -> int:
@@ -696,6 +740,7 @@ def _compare(
     reference_out: Path,
     out: Path,
     compare_files: Sequence[str],
+    ignored: Collection[str] = (),
 ) -> None:
     killed, resumed = segments[0], segments[1] if len(segments) > 1 else None
     before = _first_difference(reference, killed, 0, prefix=True)
@@ -710,7 +755,7 @@ def _compare(
         if result.first_loss_step is None and mine.get("loss") != theirs.get("loss"):
             result.first_loss_step = step
             result.first_loss = (mine.get("loss"), theirs.get("loss"))
-    result.differences = _end_differences(reference_out, out, compare_files)
+    result.differences = _end_differences(reference_out, out, compare_files, ignored)
     if resumed.steps != reference.steps:
         result.differences.append(
             f"the resumed run stopped after step {resumed.steps}, the uninterrupted one "
@@ -828,7 +873,9 @@ def _attribute_differences(reference: _Records, resumed: _Records) -> dict[str, 
     return found
 
 
-def _end_differences(reference_out: Path, out: Path, compare_files: Sequence[str]) -> list[str]:
+def _end_differences(
+    reference_out: Path, out: Path, compare_files: Sequence[str], ignored: Collection[str]
+) -> list[str]:
     """What differs between the two run folders' final checkpoints and files."""
     found = []
     theirs = _load(reference_out / "checkpoints" / "last.pt")
@@ -836,9 +883,9 @@ def _end_differences(reference_out: Path, out: Path, compare_files: Sequence[str
     if theirs is None or mine is None:
         found.append("the final checkpoint is missing")
     else:
-        found.extend(_state_differences(mine, theirs))
+        found.extend(_state_differences(mine, theirs, ignored))
     for name in ("metrics.jsonl", *compare_files):
-        difference = _file_difference(reference_out / name, out / name)
+        difference = _file_difference(reference_out / name, out / name, ignored)
         if difference:
             found.append(f"{name}: {difference}")
     return found
@@ -851,9 +898,11 @@ def _load(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _state_differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+def _state_differences(
+    mine: dict[str, Any], theirs: dict[str, Any], ignored: Collection[str]
+) -> list[str]:
     leaves: dict[str, list[tuple[Any, ...]]] = {}
-    for path in _leaf_differences(mine, theirs):
+    for path in _leaf_differences(mine, theirs, ignored):
         leaves.setdefault(str(path[0]), []).append(path[1:])
     found = []
     for part, paths in leaves.items():
@@ -890,13 +939,17 @@ def _optimizer_slots(paths: list[tuple[Any, ...]]) -> str:
     return ", ".join(parts + list(dict.fromkeys(settings)))
 
 
-def _leaf_differences(mine: Any, theirs: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple]:
+def _leaf_differences(
+    mine: Any, theirs: Any, ignored: Collection[str], path: tuple[Any, ...] = ()
+) -> Iterator[tuple]:
     if isinstance(mine, dict) and isinstance(theirs, dict):
         for key in list(mine) + [key for key in theirs if key not in mine]:
+            if isinstance(key, str) and key in ignored:
+                continue
             if key not in mine or key not in theirs:
                 yield (*path, key)
             else:
-                yield from _leaf_differences(mine[key], theirs[key], (*path, key))
+                yield from _leaf_differences(mine[key], theirs[key], ignored, (*path, key))
     elif (
         isinstance(mine, (list, tuple))
         and isinstance(theirs, (list, tuple))
@@ -904,8 +957,8 @@ def _leaf_differences(mine: Any, theirs: Any, path: tuple[Any, ...] = ()) -> Ite
         and not _is_leaf_sequence(mine)
     ):
         for index, (a, b) in enumerate(zip(mine, theirs)):
-            yield from _leaf_differences(a, b, (*path, index))
-    elif fingerprint(mine) != fingerprint(theirs):
+            yield from _leaf_differences(a, b, ignored, (*path, index))
+    elif fingerprint(mine, skip_keys=ignored) != fingerprint(theirs, skip_keys=ignored):
         yield path
 
 
@@ -914,36 +967,65 @@ def _is_leaf_sequence(value: Sequence[Any]) -> bool:
     return all(isinstance(item, (int, float, str, type(None))) for item in value)
 
 
-def _file_difference(theirs: Path, mine: Path) -> str | None:
+def _file_difference(theirs: Path, mine: Path, ignored: Collection[str]) -> str | None:
+    """How ``mine`` differs from ``theirs``, or ``None``; ``.jsonl`` and ``.csv`` files
+    are compared without the ``ignored`` keys or columns (timings)."""
     if not theirs.exists() and not mine.exists():
         return None
     if not theirs.exists() or not mine.exists():
         return "only in the " + ("resumed run" if mine.exists() else "run never stopped")
-    expected, got = theirs.read_bytes(), mine.read_bytes()
+    expected, got = _file_rows(theirs, ignored), _file_rows(mine, ignored)
     if expected == got:
         return None
-    expected_lines, got_lines = expected.splitlines(), got.splitlines()
-    for number, (a, b) in enumerate(zip(expected_lines, got_lines), start=1):
+    for number, (a, b) in enumerate(zip(expected, got), start=1):
         if a != b:
             return f"line {number} differs"
-    return f"{len(got_lines)} lines, the run never stopped has {len(expected_lines)}"
+    return f"{len(got)} lines, the run never stopped has {len(expected)}"
+
+
+def _file_rows(path: Path, ignored: Collection[str]) -> list[Any]:
+    """A file's lines (bytes); a ``.jsonl`` file's records or a ``.csv`` file's rows
+    without the ``ignored`` keys or columns."""
+    if path.suffix == ".jsonl":
+        rows: list[Any] = []
+        for line in path.read_bytes().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                rows.append(line)
+                continue
+            if isinstance(record, dict):
+                record = {key: value for key, value in record.items() if key not in ignored}
+            rows.append(record)
+        return rows
+    if path.suffix == ".csv":
+        with open(path, newline="") as file:
+            lines = list(csv.reader(file))
+        kept = [
+            index for index, name in enumerate(lines[0] if lines else []) if name not in ignored
+        ]
+        return [[row[index] for index in kept if index < len(row)] for row in lines]
+    return path.read_bytes().splitlines()
 
 
 # --- fingerprints ------------------------------------------------------------------------
 
 
-def fingerprint(value: Any, skip_text: str | None = None) -> str | None:
+def fingerprint(
+    value: Any, skip_text: str | None = None, skip_keys: Collection[str] = ()
+) -> str | None:
     """A short hash of ``value``'s exact content (tensors bit for bit), or ``None``.
 
     Numbers, strings, bytes, tensors, NumPy arrays and lists, tuples, dicts and sets of
     them have one; anything else (an object, a file, a path) has none, and neither does
     a string containing ``skip_text`` (a run folder's path, which differs between runs).
+    Dict entries whose key is in ``skip_keys`` (timings) are left out.
     """
     digest = hashlib.blake2b(digest_size=10)
-    return digest.hexdigest() if _feed(digest, value, skip_text) else None
+    return digest.hexdigest() if _feed(digest, value, skip_text, skip_keys) else None
 
 
-def _feed(digest: Any, value: Any, skip_text: str | None) -> bool:
+def _feed(digest: Any, value: Any, skip_text: str | None, skip_keys: Collection[str]) -> bool:
     if value is None or isinstance(value, (bool, int, float, complex)):
         digest.update(f"{type(value).__name__}:{value!r};".encode())
     elif isinstance(value, str):
@@ -967,17 +1049,21 @@ def _feed(digest: Any, value: Any, skip_text: str | None) -> bool:
         digest.update(f"{value.dtype}:{value!r};".encode())
     elif isinstance(value, (list, tuple)):
         digest.update(f"{type(value).__name__}:{len(value)}[".encode())
-        if not all(_feed(digest, item, skip_text) for item in value):
+        if not all(_feed(digest, item, skip_text, skip_keys) for item in value):
             return False
         digest.update(b"]")
     elif isinstance(value, dict):
-        digest.update(f"dict:{len(value)}{{".encode())
-        for key in sorted(value, key=lambda key: (type(key).__name__, repr(key))):
-            if not (_feed(digest, key, skip_text) and _feed(digest, value[key], skip_text)):
+        keys = [key for key in value if not (isinstance(key, str) and key in skip_keys)]
+        digest.update(f"dict:{len(keys)}{{".encode())
+        for key in sorted(keys, key=lambda key: (type(key).__name__, repr(key))):
+            if not (
+                _feed(digest, key, skip_text, skip_keys)
+                and _feed(digest, value[key], skip_text, skip_keys)
+            ):
                 return False
         digest.update(b"}")
     elif isinstance(value, (set, frozenset)):
-        items = [fingerprint(item, skip_text) for item in value]
+        items = [fingerprint(item, skip_text, skip_keys) for item in value]
         if any(item is None for item in items):
             return False
         digest.update(f"set:{sorted(items)};".encode())
@@ -1014,6 +1100,7 @@ class ResumeProbe:
         self.kill_at: int | None = settings.get("kill_at")
         self.stop_at: int | None = settings.get("stop_at")
         self.tail: int | None = settings.get("tail")
+        self.ignore: list[str] = settings.get("ignore") or []
         self.stopped = False
         self.stop_after_epoch = False
         self.file: Any = None
@@ -1070,7 +1157,9 @@ class ResumeProbe:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> Iterator[None]:
         result = yield
         state = checkpoint.get("learner") or {}
-        parts = {str(key): fingerprint(value) for key, value in checkpoint.items()}
+        parts = {
+            str(key): fingerprint(value, skip_keys=self.ignore) for key, value in checkpoint.items()
+        }
         self.write(
             "save",
             epoch=int(state.get("epoch", -1)),
@@ -1085,7 +1174,10 @@ class ResumeProbe:
         if self.file is None:
             return
         attributes = _plugin_attributes(learner, self)
-        self.write("end", step=learner.step, stopped=self.stopped, attributes=attributes)
+        metrics = sorted({str(key) for record in learner.history for key in record})
+        self.write(
+            "end", step=learner.step, stopped=self.stopped, metrics=metrics, attributes=attributes
+        )
         self.file.close()
 
 
@@ -1121,7 +1213,7 @@ def _plugin_attributes(learner: Any, probe: ResumeProbe) -> dict[str, dict[str, 
             continue
         attributes = {}
         for attribute, value in sorted(getattr(plugin, "__dict__", {}).items()):
-            value_print = fingerprint(value, skip_text=run_dir)
+            value_print = fingerprint(value, skip_text=run_dir, skip_keys=probe.ignore)
             if value_print is not None:
                 shown = repr(value) if isinstance(value, (bool, int, float, str)) else None
                 attributes[attribute] = [value_print, shown if shown and len(shown) <= 40 else None]
@@ -1178,6 +1270,13 @@ def main(argv: Sequence[str]) -> int:
         help="also compare this file of the run folders (may be repeated)",
     )
     parser.add_argument(
+        "--ignore-metric",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="leave this metric out of the comparisons, as the timings are (may be repeated)",
+    )
+    parser.add_argument(
         "--jobs", type=int, default=1, metavar="J", help="killed runs at a time (default: 1)"
     )
     parser.add_argument(
@@ -1205,6 +1304,7 @@ def main(argv: Sequence[str]) -> int:
             kill_seed=known.kill_seed,
             checkpoint_every=known.checkpoint_every,
             compare_files=known.compare,
+            ignore_metrics=known.ignore_metric,
             jobs=known.jobs,
             work_dir=known.work_dir,
             echo=lambda line: print(line, flush=True),
