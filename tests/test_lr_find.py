@@ -500,7 +500,8 @@ def build():
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.1),
                                 torch.nn.Linear(8, 2), torch.nn.LogSoftmax(1))
     optimizer = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
-    return Learner(model, data, optimizer=optimizer, plugins=[Distributed(device="cpu")])
+    strategy = Distributed(device="cpu", strategy=sys.argv[1])
+    return Learner(model, data, optimizer=optimizer, plugins=[strategy])
 
 swept = build()
 result = lr_find(swept, steps=40)
@@ -514,12 +515,15 @@ dist.destroy_process_group()
 """
 
 
-def test_under_ddp_every_process_stops_at_the_same_step_and_restores_exactly(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_under_ddp_and_fsdp_every_process_stops_at_the_same_step_and_restores_exactly(
+    strategy, tmp_path
+):
     script = tmp_path / "sweep.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script)],
+         str(script), strategy],
         capture_output=True, text=True, timeout=240, cwd=tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
