@@ -271,7 +271,7 @@ def check_resume(
         compare_files: files of the run folder to compare too (``metrics.csv``); a
             ``.jsonl`` or ``.csv`` file without the metrics left out.
         ignore_metrics: metrics to leave out of every comparison, besides the timings
-            of :func:`timing_metrics` (a timing that a plugin of yours reports).
+            of ``timing_metrics()`` (a timing that a plugin of yours reports).
         jobs: how many killed runs go on at a time.
         work_dir: where the run folders go (kept); default a temporary folder, removed.
         timeout: seconds after which a run counts as hung (default: no limit).
