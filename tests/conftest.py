@@ -84,6 +84,8 @@ def options_named_on_page(page: Path, pattern: str, capsys) -> set[str]:
     for option in sorted(named):
         assert re.search(rf"{option}(?![\w-])", help_text), f"{page.name}: {option}"
     return named
+
+
 def without_timings(records: list[dict]) -> list[dict]:
     """``metrics.jsonl`` records without the throughput plugin's timings, which differ
     from run to run: what an exact resume or replay must reproduce."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import without_timings
+from conftest import BEACON, without_timings
 from torch.utils.data import DataLoader, Dataset
 
 from trainloop import Learner, cli
@@ -29,7 +29,6 @@ RECIPE = '''
 """A tiny recipe for weight averaging tests: BatchNorm, dropout, noisy in-memory data."""
 
 import functools
-import time
 from dataclasses import dataclass
 
 import torch
@@ -57,18 +56,6 @@ class NoisyData(Dataset):
         return self.inputs[index] + 0.1 * torch.randn(8), self.target[index]
 
 
-class Beacon:
-    """Prints a line after every training batch, so a test knows where the run is."""
-
-    def __init__(self, sleep):
-        self.sleep = sleep
-
-    def on_batch_end(self, learner):
-        if learner.training:
-            print(f"beacon step {learner.step + 1}", flush=True)
-            time.sleep(self.sleep)
-
-
 def build(cfg):
     generator = torch.Generator().manual_seed(1234)
     inputs = torch.randn(96, 8, generator=generator)
@@ -85,6 +72,7 @@ def build(cfg):
         plugins=[Beacon(cfg.sleep)],
     )
 '''
+RECIPE += BEACON  # the Beacon(sleep) plugin build() adds
 STEPS = 3 * 12  # epochs x batches of 8 out of 96 samples
 ENV = {**os.environ, "TRAINLOOP_DISABLE_PLUGIN_AUTOLOAD": "1"}
 AVERAGES = {"ema": ["--ema", "0.9"], "swa": ["--swa-start", "2", "--swa-lr", "0.02"]}
