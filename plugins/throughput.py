@@ -20,6 +20,9 @@ DATA_WAIT = "train_data_wait"
 for the next batch (0 to 1)."""
 DATA_BOUND = 0.3
 """Above this fraction of waiting the run is data-bound: one warning says what to try."""
+WARN_AFTER = 2.0
+"""An epoch's training phase shorter than this many seconds never warns: its figures are
+mostly start-up (the first batches, the DataLoader workers), not the run's steady pace."""
 _END = object()  # what next() returns once the batches are over
 
 
@@ -90,6 +93,8 @@ class Throughput:
         warn: print one warning, the first time an epoch waits for data more than
             ``warn_above`` of its time, with what to try.
         warn_above: the fraction of waiting above which the run is data-bound.
+        warn_after: the shortest training phase, in seconds, that may warn: a shorter
+            one is mostly start-up, and a tiny run would warn on noise.
         stream: where the warning goes (default: standard error).
 
     Attributes:
@@ -97,11 +102,16 @@ class Throughput:
     """
 
     def __init__(
-        self, warn: bool = True, warn_above: float = DATA_BOUND, stream: TextIO | None = None
+        self,
+        warn: bool = True,
+        warn_above: float = DATA_BOUND,
+        warn_after: float = WARN_AFTER,
+        stream: TextIO | None = None,
     ) -> None:
         self.warn = warn
         self._warned = False
         self.warn_above = warn_above
+        self.warn_after = warn_after
         self.stream = stream
         self.epochs: list[EpochThroughput] = []
         self._start: float | None = None
@@ -165,7 +175,8 @@ class Throughput:
             data_wait = total_wait / learner.context.world_size
         learner.metrics[SAMPLES_PER_SECOND] = round(samples_per_second, 1)
         learner.metrics[DATA_WAIT] = round(data_wait, 4)
-        if self.warn and not self._warned and data_wait > self.warn_above:
+        data_bound = data_wait > self.warn_above and seconds >= self.warn_after
+        if self.warn and not self._warned and data_bound:
             self._warned = True  # once a run
             print(
                 f"trainloop: warning: epoch {learner.epoch + 1} waited for its batches "

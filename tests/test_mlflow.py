@@ -510,7 +510,7 @@ def test_the_mlflow_ui_draws_the_runs_curves_screenshot_for_the_docs(mnist, serv
     page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/model-metrics"
     browser = Chromium(executable, tmp_path / "profile")
     try:
-        browser.open(f"{server.uri}/", 1400, 1000)
+        browser.open(f"{server.uri}/", 1400, 1400)  # tall enough to draw all six charts
         assert browser.wait_for("document.readyState === 'complete'", 60)
         # The UI's assistant panel opens on a first visit: say it was seen and closed.
         browser.evaluate(
@@ -518,9 +518,10 @@ def test_the_mlflow_ui_draws_the_runs_curves_screenshot_for_the_docs(mnist, serv
             "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false')"
         )
         browser.send("Page.navigate", {"url": f"{server.uri}/{page}"})
-        # One chart per metric: batch/train_loss, train_loss, valid_loss, valid_accuracy.
+        # One chart per metric: batch/train_loss, train_loss, valid_loss, valid_accuracy,
+        # and the throughput plugin's train_samples_per_second and train_data_wait.
         drawn = "document.querySelectorAll('.js-plotly-plot .scatterlayer .trace').length"
-        assert browser.wait_for(f"{drawn} >= 4", 90), browser.evaluate(drawn)
+        assert browser.wait_for(f"{drawn} >= 6", 90), browser.evaluate(drawn)
         titles = browser.evaluate("document.body.innerText")
         assert "valid_accuracy" in titles and "valid_loss" in titles and "run" in titles
         time.sleep(1)  # the lines' last frame

@@ -46,7 +46,7 @@ def tiny_model() -> torch.nn.Module:
 
 def test_a_slow_dataset_makes_the_data_wait_near_one_and_warns_once():
     warnings = io.StringIO()
-    monitor = Throughput(stream=warnings)
+    monitor = Throughput(stream=warnings, warn_after=0.0)
     data = torch.utils.data.DataLoader(SlowSamples(0.02), batch_size=2)
     learner = Learner(tiny_model(), data, plugins=[monitor])
     history = learner.fit(2)
@@ -60,6 +60,16 @@ def test_a_slow_dataset_makes_the_data_wait_near_one_and_warns_once():
     assert "epoch 1 waited for its batches" in message and "data-bound" in message
     for remedy in ("--workers", "pin_memory=True", "uint8"):
         assert remedy in message
+
+
+def test_an_epoch_shorter_than_warn_after_is_measured_but_never_warns():
+    warnings = io.StringIO()
+    monitor = Throughput(stream=warnings, warn_after=60.0)
+    data = torch.utils.data.DataLoader(SlowSamples(0.02), batch_size=2)
+    history = Learner(tiny_model(), data, plugins=[monitor]).fit(2)
+
+    assert all(entry[DATA_WAIT] > 0.9 for entry in history)  # data-bound, but 0.2 s an epoch
+    assert warnings.getvalue() == ""
 
 
 def test_batches_in_memory_make_the_data_wait_near_zero_and_no_warning():
