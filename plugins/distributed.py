@@ -487,10 +487,10 @@ def even_valid_data(data: Any, rank: int, world_size: int) -> Any:
 class Distributed:
     """Training on the processes that torchrun started: DDP, or FSDP2 for a sharded model.
 
-    Joins the process group if no one has (and then leaves it when ``fit`` ends),
-    wraps the model (the ``wrap_model`` set-up step): in DistributedDataParallel, or,
-    with ``strategy="fsdp"``, shards it with ``fully_shard`` (each unit of ``wrap``,
-    then the whole model); gives each process its share of the training and validation
+    Joins the process group if no one has (it stays until the process ends, for the
+    model's later fits and predictions), wraps the model (the ``wrap_model`` set-up
+    step): in DistributedDataParallel, or, with ``strategy="fsdp"``, shards it with
+    ``fully_shard`` (each unit of ``wrap``, then the whole model); gives each process its share of the training and validation
     data (``setup_data``), and sums the validation totals over the processes.
 
     Args:
@@ -525,11 +525,13 @@ class Distributed:
         self.strategy = strategy
         self.wrap = tuple(wrap)
         self.mixed_precision = mixed_precision
-        self._owns_group = False
 
     @hookimpl
     def wrap_model(self, learner: Learner, module: torch.nn.Module) -> torch.nn.Module:
-        self._owns_group = init_process_group(self.backend, self.device) or self._owns_group
+        # The group joined here stays until the process ends (init_process_group leaves
+        # it at exit; a CLI run at unconfigure): the wrapped model needs it for every
+        # later fit, validate and predict.
+        init_process_group(self.backend, self.device)
         learner.context.rank, learner.context.world_size = dist.get_rank(), dist.get_world_size()
         module.to(self.device)  # a no-op when the device plugin placed it
         if self.strategy == "fsdp":
@@ -582,12 +584,6 @@ class Distributed:
         total = tensor.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total
-
-    @hookimpl(trylast=True)  # after the plugins that still reduce or save at the end
-    def on_fit_end(self) -> None:
-        if self._owns_group:
-            destroy_process_group()
-            self._owns_group = False
 
 
 class TrainingDDP(torch.nn.parallel.DistributedDataParallel):

@@ -244,16 +244,22 @@ def test_two_gloo_processes_train_one_model_and_report_full_validation_metrics(t
 
 
 @pytest.fixture
-def process_group_of_one(monkeypatch):
+def torchrun_of_one(monkeypatch):
+    """torchrun's variables for a group of one process, on a free port; no group yet."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     variables = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     for name, value in {**variables, "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(name, value)
-    assert distributed.init_process_group("gloo", torch.device("cpu"))
     yield
     distributed.destroy_process_group()
+
+
+@pytest.fixture
+def process_group_of_one(torchrun_of_one):
+    assert distributed.init_process_group("gloo", torch.device("cpu"))
+    yield
 
 
 def shuffled_learner(*plugins) -> Learner:
@@ -287,6 +293,18 @@ def test_training_goes_through_ddp_while_learner_model_stays_the_plain_module(
     assert {name for training, name in seen if training} == {"ShardedTensorBatches"}
     assert isinstance(learner.module, distributed.TrainingDDP) and learner.module.module is model
     assert dist.is_initialized()  # the plugin leaves a group it did not start
+
+
+def test_a_learner_that_joined_the_group_itself_fits_again_and_predicts(torchrun_of_one):
+    # From Python, the plugin joins the group when it wraps the model; the group stays
+    # until the process ends, for the wrapped model's next fit, validate or predict.
+    learner = shuffled_learner(Distributed(device="cpu"))
+    learner.fit(1)
+    assert dist.is_initialized()
+    weights = [parameter.detach().clone() for parameter in learner.model.parameters()]
+    learner.fit(1)
+    assert not all(map(torch.equal, weights, learner.model.parameters()))  # it trained
+    assert "valid_loss" in learner.validate()
 
 
 def test_a_run_resumed_under_ddp_ends_with_the_weights_of_an_unbroken_run(

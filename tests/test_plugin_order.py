@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -68,11 +69,10 @@ FIXED_ORDER = {
         ("model_saver:ModelSaver", ""),
         ("lr_scheduler:LRScheduler", ""),
         ("checkpoint:Checkpoint", ""),
-        ("distributed:Distributed", "trylast"),
     ],
     "on_batch_end": [
+        ("tensorboard:_ValidationSamples", ""),  # one module: the class defined last first
         ("tensorboard:_BatchScalars", ""),
-        ("tensorboard:_ValidationSamples", ""),
         ("profiler:_TraceSteps", ""),
         ("interrupt:_StopAgreement", ""),
         ("checkpoint:_EveryBatches", "trylast"),  # after the other per-batch updates
@@ -122,3 +122,68 @@ def test_plugins_order_prints_each_hook_in_call_order_with_its_marker():
         "  3. grad_clip:GradClip",
     ]
     assert "forward:\n" in result.stdout and "core  [trylast]" in result.stdout
+
+
+PROBED_RECIPE = '''
+import functools, json, torch
+from dataclasses import dataclass
+from trainloop import Learner
+
+@dataclass
+class Config:
+    lr: float = 0.1
+
+class Probe:
+    """Writes, for every hook, the run's implementations in pluggy's calling order."""
+
+    def on_train_begin(self, learner):  # every per-batch helper is registered by now
+        order = {}
+        for hook in learner.plugin_manager.hook_names():
+            impls = getattr(learner.plugin_manager.hook, hook).get_hookimpls()
+            order[hook] = [label(impl.plugin, impl.plugin_name) for impl in reversed(impls)]
+        with open("order.json", "w") as file:
+            json.dump(order, file)
+
+def label(plugin, name):
+    module = type(plugin).__module__
+    if module.startswith("trainloop.plugins."):
+        return module.rsplit(".", 1)[1] + ":" + type(plugin).__name__
+    return name
+
+def build(cfg):
+    torch.manual_seed(0)
+    inputs = torch.randn(32, 4)
+    target = (inputs.sum(1) > 0).long()
+    data = [(inputs[i:i + 8], target[i:i + 8]) for i in range(0, 32, 8)]
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.LogSoftmax(1))
+    return Learner(model, data, data, optimizer=functools.partial(torch.optim.SGD, lr=cfg.lr),
+                   plugins=[Probe()])
+'''
+
+
+def test_a_run_calls_the_builtins_in_the_order_plugins_order_prints(tmp_path, monkeypatch):
+    # Every plugin with a feature switched on, so that its per-run object and per-batch
+    # helpers register (in configure, at on_fit_begin) in whatever order the run makes.
+    from trainloop.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "probed.py"
+    recipe.write_text(PROBED_RECIPE)
+    status = main(["run", str(recipe), "--out", "run", "--epochs", "2", "--progress", "plain",
+                   "--ema", "0.9", "--lr-schedule", "onecycle", "--checkpoint-every", "1",
+                   "--keep-best", "2", "--tensorboard-every", "1", "--clip-grad-norm", "1",
+                   "--accumulate", "2", "--summary", "--early-stop-patience", "2",
+                   "--profile", "1", "--profile-warmup", "0"])  # fmt: skip
+    assert status == 0
+    run_order = json.loads((tmp_path / "order.json").read_text())
+    listing = PluginManager()
+    listing.load_builtins()
+    compared = 0
+    for hook, called in run_order.items():
+        printed = [name for name, _ in listing.call_order(hook)]
+        both = set(called) & set(printed)
+        assert [name for name in called if name in both] == [
+            name for name in printed if name in both
+        ], hook
+        compared += len(both) > 1
+    assert compared >= 15  # hooks with two or more built-ins to order

@@ -372,6 +372,7 @@ def test_sigkilled_run_resumed_ends_like_an_uninterrupted_one(recipe, tmp_path, 
     _assert_equal(last["model"], expected["model"])
     _assert_equal(last[CHECKPOINT_KEY]["averaged"], expected[CHECKPOINT_KEY]["averaged"])
     _assert_equal(_load(out / "model.pt")["model"], _load(reference / "model.pt")["model"])
+
     def records(run):  # the throughput plugin's timings differ between any two runs
         lines = (run / "metrics.jsonl").read_text().splitlines()
         return without_timings([json.loads(line) for line in lines])

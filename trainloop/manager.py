@@ -55,9 +55,13 @@ BUILTIN_PLUGINS = (
 )
 """The built-in plugins in the order they register (like pytest's ``default_plugins``).
 
-Where two implementations of a hook carry the same marker, pluggy calls the one
-registered later first; this declared order, not the modules' file names, decides it.
-``trainloop plugins --order`` shows the result for every hook.
+Where two implementations of a hook carry the same marker, the one whose plugin comes
+later in the declared order is called first (pluggy's rule for registration order). An
+object that a plugin module registers during a run (in ``configure``, or a per-batch
+helper at ``on_fit_begin``) takes its module's place in that order, whenever it is
+registered; two classes of one module, the order in which the module defines them.
+This declared order, not the modules' file names nor the moment an object registers,
+decides ties; ``trainloop plugins --order`` shows the result for every hook.
 """
 
 
@@ -126,6 +130,8 @@ class PluginManager(pluggy.PluginManager):
         self.origins: dict[str, str] = {}
         self.failed: dict[str, FailedPlugin] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._registrations = 0
+        self._places: dict[int, tuple[int, int, int]] = {}  # id(plugin): its place
 
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
         opts = super().parse_hookimpl_opts(plugin, name)
@@ -161,13 +167,46 @@ class PluginManager(pluggy.PluginManager):
                 "see trainloop.hookspecs for the hooks there are"
             )
         self.origins[registered] = origin
+        self._place(plugin)
         self._changed()
         return registered
 
     def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
         removed = super().unregister(plugin, name)
+        self._places.pop(id(removed), None)
         self._changed()
         return removed
+
+    # --- the declared order ---------------------------------------------------------------
+
+    def _place(self, plugin: Any) -> None:
+        """Give ``plugin`` its place in the declared order and re-sort its hooks' callers.
+
+        A plugin's place is ``(owner, class, registration)``: ``owner`` is the
+        registration number of the registered module that defines its class (an object a
+        plugin module registers during a run stands where its module stands), else its
+        own; ``class`` is the class's position among the module's definitions. Within
+        each of pluggy's tiers (wrappers apart; ``tryfirst``, plain, ``trylast``) the
+        implementations are kept sorted by place: pluggy calls the last one first.
+        """
+        self._registrations += 1
+        owner, position = self._registrations, 0
+        module = inspect.getmodule(type(plugin))
+        if not isinstance(plugin, ModuleType) and module is not None:
+            registered = self._places.get(id(module))
+            if registered is not None and self.is_registered(module):
+                owner = registered[0]
+                position = _definition_position(module, type(plugin))
+        self._places[id(plugin)] = (owner, position, self._registrations)
+        for caller in self.get_hookcallers(plugin) or ():
+            # pluggy keeps the implementations in its own list, in calling order reversed;
+            # it has no public way to place one, so the list is sorted in place here.
+            caller._hookimpls.sort(key=self._sort_key)
+
+    def _sort_key(self, impl: pluggy.HookImpl) -> tuple[bool, int, tuple[int, int, int]]:
+        tier = 2 if impl.tryfirst else 0 if impl.trylast else 1
+        place = self._places.get(id(impl.plugin), (0, 0, 0))
+        return (impl.wrapper or impl.hookwrapper, tier, place)
 
     def hook_names(self) -> list[str]:
         """Names of all hooks that have a specification."""
@@ -290,38 +329,34 @@ class PluginManager(pluggy.PluginManager):
     def call_order(self, hook_name: str) -> list[tuple[str, str]]:
         """The implementations of ``hook_name`` in the order pluggy calls them, each as
         ``(plugin name, marker)``; the marker is ``wrapper``, ``tryfirst``, ``trylast``
-        or ``""``. Plugin classes that a module defines (registered per run, in
-        ``configure``) are listed after their module's name as ``module:Class``."""
-        entries = []  # (rank, registration index, name, marker)
-        for index, (name, plugin) in enumerate(self.list_name_plugin()):
+        or ``""``. Plugin classes that a module defines (registered during a run) are
+        listed at their module's place in the declared order as ``module:Class``."""
+        rank = {"wrapper, tryfirst": 0, "wrapper": 1, "wrapper, trylast": 2, "tryfirst": 3,
+                "": 4, "trylast": 5}  # fmt: skip
+        entries = []  # (rank, place, name, marker): the highest place first within a rank
+        for name, plugin in self.list_name_plugin():
             if plugin is None:
                 continue
-            candidates = [(name, getattr(plugin, hook_name, None))]
+            owner, _, registration = self._places.get(id(plugin), (0, 0, 0))
+            candidates = [(name, getattr(plugin, hook_name, None), (owner, 0, registration))]
             if isinstance(plugin, ModuleType):
                 for class_name, cls in inspect.getmembers(plugin, inspect.isclass):
                     if cls.__module__ == plugin.__name__ and hook_name in vars(cls):
-                        candidates.append((f"{name}:{class_name}", vars(cls)[hook_name]))
-            for label, function in candidates:
+                        place = (owner, _definition_position(plugin, cls), registration)
+                        candidates.append((f"{name}:{class_name}", vars(cls)[hook_name], place))
+            for label, function, place in candidates:
                 if function is None or not inspect.isroutine(function):
                     continue
                 opts = getattr(function, f"{hookspecs.PROJECT}_impl", None)
                 if opts is None and not hook_name.startswith("on_"):
                     continue
                 opts = opts or {}
-                marker = next(
-                    (
-                        key
-                        for key in ("wrapper", "hookwrapper", "tryfirst", "trylast")
-                        if opts.get(key)
-                    ),
-                    "",
+                wrapper = opts.get("wrapper") or opts.get("hookwrapper")
+                tier = (
+                    "tryfirst" if opts.get("tryfirst") else "trylast" if opts.get("trylast") else ""
                 )
-                if marker == "hookwrapper":
-                    marker = "wrapper"
-                if marker == "wrapper" and opts.get("tryfirst"):
-                    marker = "wrapper, tryfirst"
-                rank = {"wrapper, tryfirst": 0, "wrapper": 1, "tryfirst": 2, "": 3, "trylast": 4}
-                entries.append((rank[marker], -index, label, marker))
+                marker = ", ".join(word for word in ("wrapper" if wrapper else "", tier) if word)
+                entries.append((rank[marker], tuple(-number for number in place), label, marker))
         return [(label, marker) for _, _, label, marker in sorted(entries)]
 
     def describe_exception(self, error: BaseException) -> str | None:
@@ -341,6 +376,14 @@ class PluginManager(pluggy.PluginManager):
         if found is None:
             return None
         return f"plugin {found[0]!r} raised it in hook {found[1]!r}"
+
+
+def _definition_position(module: ModuleType, cls: type) -> int:
+    """Where ``module`` defines ``cls`` among its names (definition order), from 1."""
+    for position, value in enumerate(vars(module).values(), start=1):
+        if value is cls:
+            return position
+    return 0
 
 
 def _import_failed(spec: str, module_name: str, error: BaseException) -> str:
