@@ -16,6 +16,7 @@ Run: ``python benchmarks/lr_find_and_profile.py [--work DIR]``.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -53,8 +54,11 @@ def main() -> None:
     epoch = timed(trainloop("run", recipe, *data, "--epochs", "1", "--out", str(work / "epoch"),
                             *quiet))  # fmt: skip
     finder = timed(trainloop("lr-find", recipe, *data, "--out", str(work / "lr-find")))
-    print(f"MNIST (60,000 pictures): lr-find {finder:.1f} s, one epoch of `run` {epoch:.1f} s "
-          f"(ratio {finder / epoch:.2f}), start-up included in both")  # fmt: skip
+    sweep = json.loads((work / "lr-find" / "lr_find.json").read_text())
+    print(f"MNIST (60,000 pictures): lr-find {finder:.1f} s in all, its sweep "
+          f"{sweep['seconds']:.2f} s ({len(sweep['lrs'])} steps); one epoch of `run` "
+          f"{epoch:.1f} s (ratio {finder / epoch:.2f}), start-up and data loading included "
+          "in both")  # fmt: skip
 
     carvana = str(ROOT / "recipes" / "unet_carvana.py")
     inputs = ["--input-dir", str(work / "input"), "--synthetic", "--epochs", "2", "--no-predict"]

@@ -97,15 +97,16 @@ def cost(args: argparse.Namespace) -> None:
               f"{(ema - base) * 1e3:>8.3f}")  # fmt: skip
 
 
-RUNS = {  # name: (recipe, its options, the metric next to valid_loss, what is averaged)
-    "mnist": ("mnist_mlp.py", ["--sample-size", "2000", "--epochs", "10"], "valid_accuracy"),
-    "carvana": ("unet_carvana.py", ["--sample-size", "96", "--epochs", "6", "--no-predict"],
-                "valid_dice"),
-}  # fmt: skip
-AVERAGING = {
-    "mnist": [[], ["--ema", "0.9", "--no-ema-warmup"], ["--swa-start", "6"]],
-    "carvana": [[], ["--ema", "0.9"], ["--swa-start", "4"]],
-}
+MNIST = ["--sample-size", "2000", "--epochs", "10"]
+CARVANA = ["--sample-size", "96", "--no-predict"]
+RUNS = [  # (task, recipe, options, the metric next to valid_loss, the averagings compared)
+    ("mnist", "mnist_mlp.py", MNIST, "valid_accuracy",
+     [[], ["--ema", "0.9", "--no-ema-warmup"], ["--swa-start", "6"]]),
+    ("carvana", "unet_carvana.py", [*CARVANA, "--epochs", "6"], "valid_dice",
+     [[], ["--ema", "0.9"], ["--swa-start", "4"]]),
+    ("carvana", "unet_carvana.py", [*CARVANA, "--epochs", "15"], "valid_dice",
+     [[], ["--ema", "0.99"], ["--swa-start", "11"]]),
+]  # fmt: skip
 
 
 def runs(args: argparse.Namespace) -> None:
@@ -122,9 +123,10 @@ def runs(args: argparse.Namespace) -> None:
     print("| recipe | averaging | valid_loss (last) | metric (last) | best epoch: valid_loss, "
           "metric | seconds |")  # fmt: skip
     print("|---|---|---|---|---|---|")
-    for task, (recipe, options, metric) in RUNS.items():
-        for averaging in AVERAGING[task]:
-            out = work / "runs" / f"{task}-{'-'.join(averaging).strip('-') or 'none'}"
+    for task, recipe, options, metric, averagings in RUNS:
+        for averaging in averagings:
+            name = "-".join([task, *options[-1:], *averaging]).replace("--", "")
+            out = work / "runs" / name
             command = [sys.executable, "-m", "trainloop", "run", str(ROOT / "recipes" / recipe),
                        *data[task], *options, *averaging, "--out", str(out), "--no-tensorboard",
                        "--progress", "plain"]  # fmt: skip
@@ -140,7 +142,7 @@ def runs(args: argparse.Namespace) -> None:
             last = history[-1]
             best = min(history, key=lambda record: record["valid_loss"])
             label = " ".join(averaging) or "none"
-            print(f"| {task} | `{label}` | {last['valid_loss']:.4f} | {metric} {last[metric]:.4f} | "
+            print(f"| {task}, {' '.join(options)} | `{label}` | {last['valid_loss']:.4f} | {metric} {last[metric]:.4f} | "
                   f"{best['epoch'] + 1}: {best['valid_loss']:.4f}, {best[metric]:.4f} | "
                   f"{seconds:.0f} |")  # fmt: skip
     print(f"runs in {work / 'runs'}")

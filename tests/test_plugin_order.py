@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_RECIPE
 
 from trainloop.manager import BUILTIN_PLUGINS, PluginManager, builtin_plugin_modules
 
@@ -124,17 +125,11 @@ def test_plugins_order_prints_each_hook_in_call_order_with_its_marker():
     assert "forward:\n" in result.stdout and "core  [trylast]" in result.stdout
 
 
-PROBED_RECIPE = '''
-import functools, json, torch
-from dataclasses import dataclass
-from trainloop import Learner
-
-@dataclass
-class Config:
-    lr: float = 0.1
+PROBE = """
+import json
 
 class Probe:
-    """Writes, for every hook, the run's implementations in pluggy's calling order."""
+    \"\"\"Writes, for every hook, the run's implementations in pluggy's calling order.\"\"\"
 
     def on_train_begin(self, learner):  # every per-batch helper is registered by now
         order = {}
@@ -149,16 +144,11 @@ def label(plugin, name):
     if module.startswith("trainloop.plugins."):
         return module.rsplit(".", 1)[1] + ":" + type(plugin).__name__
     return name
-
-def build(cfg):
-    torch.manual_seed(0)
-    inputs = torch.randn(32, 4)
-    target = (inputs.sum(1) > 0).long()
-    data = [(inputs[i:i + 8], target[i:i + 8]) for i in range(0, 32, 8)]
-    model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.LogSoftmax(1))
-    return Learner(model, data, data, optimizer=functools.partial(torch.optim.SGD, lr=cfg.lr),
-                   plugins=[Probe()])
-'''
+"""
+LEARNER = (
+    "return Learner(model, data, data, optimizer=functools.partial(torch.optim.SGD, lr=cfg.lr)"
+)
+PROBED_RECIPE = TINY_RECIPE.replace(LEARNER, LEARNER + ", plugins=[Probe()]") + PROBE
 
 
 def test_a_run_calls_the_builtins_in_the_order_plugins_order_prints(tmp_path, monkeypatch):
@@ -168,6 +158,7 @@ def test_a_run_calls_the_builtins_in_the_order_plugins_order_prints(tmp_path, mo
 
     monkeypatch.chdir(tmp_path)
     recipe = tmp_path / "probed.py"
+    assert "plugins=[Probe()]" in PROBED_RECIPE
     recipe.write_text(PROBED_RECIPE)
     status = main(["run", str(recipe), "--out", "run", "--epochs", "2", "--progress", "plain",
                    "--ema", "0.9", "--lr-schedule", "onecycle", "--checkpoint-every", "1",
