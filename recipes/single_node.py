@@ -47,14 +47,22 @@ def half_squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 class DescentPath:
     """Records (w, b) after every step, reports ``output`` and ``error`` each epoch,
-    and draws the error surface with the path at the end."""
+    and draws the error surface with the path at the end (a resumed run's path starts
+    where the first run's did: the path so far is in its checkpoints)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.path: list[tuple[float, float]] = []
 
     def on_fit_begin(self, learner: Learner) -> None:
-        self.path = [(learner.model.w.item(), learner.model.b.item())]
+        if not self.path:  # a resume brought back the path so far (on_load_checkpoint)
+            self.path = [(learner.model.w.item(), learner.model.b.item())]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["descent_path"] = list(self.path)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.path = [tuple(point) for point in checkpoint.get("descent_path", self.path)]
 
     def on_step_end(self, learner: Learner) -> None:
         self.path.append((learner.model.w.item(), learner.model.b.item()))

@@ -324,3 +324,16 @@ def test_resume_applies_to_the_first_fit_only(tmp_path: Path) -> None:
     assert plugin.resumed_from == tmp_path / "last.pt"
     learner.fit(1)  # a second fit on the same learner starts afresh
     assert learner.history == [learner.history[0]] and learner.history[0]["epoch"] == 0
+
+
+def test_the_neuron_recipes_descent_path_is_whole_after_a_resume(tmp_path: Path) -> None:
+    # The recipe draws the path of (w, b) over all steps at the end: a resumed run must
+    # draw the steps before the stop too, as the run never stopped does.
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "single_node.py")
+    quiet = ["--progress", "plain", "--no-tensorboard"]
+    assert cli.main(["run", recipe, "--epochs", "4", "--out", str(tmp_path / "whole"), *quiet]) == 0
+    assert cli.main(["run", recipe, "--epochs", "2", "--out", str(tmp_path / "part"), *quiet]) == 0
+    resumed = ["run", recipe, "--epochs", "4", "--resume", "--out", str(tmp_path / "part"), *quiet]
+    assert cli.main(resumed) == 0
+    whole = (tmp_path / "whole" / "error_surface.png").read_bytes()
+    assert (tmp_path / "part" / "error_surface.png").read_bytes() == whole
