@@ -237,7 +237,10 @@ class Checkpoint:
             for stale in self.directory.glob(".*.tmp"):  # left by a process killed mid-write
                 stale.unlink(missing_ok=True)
             remove_unused_shards(self.directory)
-        if self.every and self._per_batch is None and self._saves:  # only when asked
+        # Only when asked; under distributed training on every process, since they all
+        # take part in sharing the epoch's losses before a checkpoint.
+        writing = self._saves or learner.context.distributed
+        if self.every and self._per_batch is None and writing:
             self._per_batch = _EveryBatches(self)
             learner.add_plugin(self._per_batch, "checkpoint.every-batches")
         self.optimizer_start = optimizer_hyperparameters(learner.optimizer)
@@ -640,7 +643,9 @@ class _EveryBatches:
     @hookimpl(trylast=True)  # after the other plugins' per-batch updates
     def on_batch_end(self, learner: Learner) -> None:
         if learner.training and (learner.step + 1) % self.owner.every == 0:
-            self.owner._save(learner, learner.state_dict(), LAST)  # this batch counts as done
+            learner.share_train_losses()  # every process: the checkpoint holds the run's
+            if self.owner._saves:
+                self.owner._save(learner, learner.state_dict(), LAST)  # this batch is done
         else:
             self.owner._poll_pending()
 

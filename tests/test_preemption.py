@@ -89,6 +89,11 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
+def train_losses(run: Path) -> list[float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["train_loss"] for line in lines]
+
+
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for name in a:
@@ -382,6 +387,9 @@ def test_torchrun_restarts_a_killed_worker_and_resume_auto_ends_with_the_unbroke
     assert f"failed (exitcode: -9) local_rank: 1 (pid: {killed[0]})" in output
     assert re.search(r"resumed from \S+last\.pt: epoch 2 after its batch [1-3],", output), output
     assert_same(weights(out), weights(unbroken))
+    # Epoch 2's train_loss counts both processes' batches before the kill too (the
+    # checkpoint, written by rank 0, holds the run's losses, not rank 0's alone).
+    assert train_losses(out) == pytest.approx(train_losses(unbroken), rel=1e-6)
     resumes = json.loads((out / "config.json").read_text())["resumes"]
     assert resumes and {resume["checkpoint"] for resume in resumes} == {
         str(out / "checkpoints" / "last.pt")

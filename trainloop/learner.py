@@ -133,6 +133,7 @@ class Learner:
         self.exception: BaseException | None = None
         self.should_stop = False  # set it from a plugin to end fit after the current batch
         self._train_losses: list[tuple[torch.Tensor, int]] = []
+        self._shared_losses: tuple[float, float] | None = None  # see share_train_losses
         self._ending: str | None = None  # the level whose end event is firing
 
         self.plugin_manager = plugin_manager or (run[1] if run else PluginManager())
@@ -240,7 +241,7 @@ class Learner:
         self.history = []
         self.exception = None
         self.should_stop = False
-        self._train_losses = []
+        self._train_losses, self._shared_losses = [], None
         data = (self.train_data, self.valid_data)
         try:
             self.setup()
@@ -254,7 +255,11 @@ class Learner:
                 if self.should_stop:
                     break
         except StopFit:
-            pass
+            # Every process stops after the same batch (the interrupt plugin agrees on
+            # it): the checkpoint of the stop, which one process writes, gets the run's
+            # losses of the epoch so far.
+            if self.iteration:
+                self.share_train_losses()
         except BaseException as error:
             self.exception = error
             self._report_plugin(error)
@@ -323,14 +328,43 @@ class Learner:
             self._zero_grad(learner=self)
 
     def _mean_train_loss(self) -> float:
+        shared, self._shared_losses = self._shared_losses, None
+        total, count = self._train_loss_totals()
+        if shared is not None:
+            total, count = total + shared[0], count + shared[1]
+        return total / count if count else float("nan")
+
+    def _train_loss_totals(self) -> tuple[float, float]:
+        """The sum of this epoch's kept training losses (each times its batch size) and
+        of their batch sizes, over all the processes; the kept losses are consumed."""
         losses, self._train_losses = self._train_losses, []
         if not losses:
-            return float("nan")
+            if self.context.distributed:  # every process takes part in the reduction
+                zero = torch.zeros(2, device=self.context.device)
+                return tuple(self._reduce_tensor(learner=self, tensor=zero).tolist())
+            return 0.0, 0.0
         values = torch.stack([loss for loss, _ in losses]).float()  # one op, not one per batch
         sizes = torch.tensor([size for _, size in losses], device=values.device)
         totals = torch.stack([(values * sizes).sum(), sizes.sum().float()])
         total, count = self._reduce_tensor(learner=self, tensor=totals).tolist()
-        return total / count
+        return total, count
+
+    def share_train_losses(self) -> None:
+        """Under distributed training, replace each process's training losses of the
+        epoch so far with the run's: their sum over all the processes, kept alike by
+        every process (and in :meth:`state_dict`).
+
+        A collective: every process must call it after the same batch. A plugin that
+        writes a mid-epoch checkpoint from one process calls it on all of them first, so
+        that a resume's ``train_loss`` counts every process's batches before the stop,
+        not only the writer's. Nothing to do in a single process.
+        """
+        if not self.context.distributed:
+            return
+        total, count = self._train_loss_totals()
+        if self._shared_losses is not None:
+            total, count = total + self._shared_losses[0], count + self._shared_losses[1]
+        self._shared_losses = (total, count) if count else None
 
     # --- validate ----------------------------------------------------------------------
 
@@ -467,6 +501,8 @@ class Learner:
             if losses
             else torch.zeros(0),
             "train_sizes": [size for _, size in losses],
+            # The run's losses so far over all the processes (share_train_losses).
+            "shared_train_loss": None if self._ending == "epoch" else self._shared_losses,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -480,6 +516,8 @@ class Learner:
         device = next(self.model.parameters(), torch.empty(0)).device
         losses = state["train_losses"].to(device)
         self._train_losses = list(zip(losses, state["train_sizes"]))
+        shared = state.get("shared_train_loss")
+        self._shared_losses = None if shared is None else (float(shared[0]), float(shared[1]))
 
     # --- errors ------------------------------------------------------------------------
 
