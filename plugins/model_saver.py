@@ -96,6 +96,7 @@ class ModelSaver:
         self.best_metrics: dict[str, Any] | None = None
         self._best_weights: dict[str, torch.Tensor] | None = None
         self._best_step: int | None = None
+        self._said = False
 
     @hookimpl(tryfirst=True)  # reset before the checkpoint plugin restores the state
     def on_fit_begin(self, learner: Learner) -> None:
@@ -104,6 +105,7 @@ class ModelSaver:
                 raise ValueError("ModelSaver needs a path or a learner with run_dir")
             self.path = Path(learner.run_dir) / FILE_NAME
         self.best_metrics = self._best_weights = self._best_step = None
+        self._said = False  # which epoch's weights predict uses: said once a fit
         if self.monitor is not None:
             self.monitor.best = None
 
@@ -119,19 +121,28 @@ class ModelSaver:
     def on_predict_begin(self, learner: Learner) -> None:
         if self.predict_with != "best" or self._best_weights is None:
             return
-        if self._best_step == learner.step:
-            return  # the model holds the best weights already (the last epoch was the best)
-        load_full_state_dict(learner.model, self._best_weights)
-        self._best_step = learner.step  # loaded once: a second predict keeps them
-        if self.write:
+        last = self._best_step == learner.step  # the model holds the best weights already
+        if not last:
+            load_full_state_dict(learner.model, self._best_weights)
+            self._best_step = learner.step  # loaded once: a second predict keeps them
+        if self.write and not self._said:
+            self._said = True
             metric = self.monitor.metric
             value = (self.best_metrics or {}).get(metric)
             shown = f"{value:.6g}" if isinstance(value, float) else str(value)
-            print(
-                f"predicting with the weights of epoch {self.best_metrics['epoch'] + 1}, the best "
-                f"by {metric} ({shown}); --predict-with last keeps the last epoch's",
-                flush=True,
-            )
+            epoch = self.best_metrics["epoch"] + 1
+            if last:
+                print(
+                    f"predicting with the weights of epoch {epoch}, the last and the best by "
+                    f"{metric} ({shown})",
+                    flush=True,
+                )
+            else:
+                print(
+                    f"predicting with the weights of epoch {epoch}, the best by {metric} "
+                    f"({shown}); --predict-with last keeps the last epoch's",
+                    flush=True,
+                )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         step = checkpoint.get("learner", {}).get("step")

@@ -54,6 +54,29 @@ def test_a_predict_after_fit_uses_the_best_epochs_weights_unless_asked_for_the_l
         assert "predicting with" not in said
 
 
+def test_when_the_last_epoch_is_the_best_predict_says_so_once(tmp_path, capsys):
+    class BetterEachEpoch:
+        def on_epoch_end(self, learner) -> None:
+            learner.metrics["valid_loss"] = -float(learner.epoch)
+
+    saver = ModelSaver(tmp_path / "model.pt", monitor="valid_loss")
+    learner = make_learner([BetterEachEpoch(), saver])
+    learner.fit(3)
+    last = copy.deepcopy(learner.model.state_dict())
+    learner.predict([(torch.randn(5, 4),)])
+    learner.predict([(torch.randn(5, 4),)])
+
+    for name, tensor in learner.model.state_dict().items():
+        assert torch.equal(tensor, last[name]), name
+    said = capsys.readouterr().out.splitlines()
+    assert (
+        said.count(
+            "predicting with the weights of epoch 3, the last and the best by valid_loss (-2)"
+        )
+        == 1
+    )
+
+
 @pytest.fixture(scope="module")
 def carvana_run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("carvana")
