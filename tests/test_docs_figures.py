@@ -233,14 +233,13 @@ def test_the_carvana_page_prints_the_recorded_runs_numbers():
     # the tests): each epoch's line must be that epoch of the recorded metrics.
     text = (DOCS / "carvana.md").read_text()
     block = text.split("generated a synthetic set there (20 training", 1)[1].split("```", 1)[0]
-    rows = [
-        line.split()
-        for line in block.splitlines()
-        if line.split()[:1] and line.split()[0].isdigit()
-    ]
+    lines = [line.split() for line in block.splitlines() if line.split()]
+    (header,) = [line for line in lines if line[0] == "epoch"]
+    rows = [line for line in lines if line[0].isdigit()]
     recorded = _recorded()
     assert [int(row[0]) for row in rows] == [entry["epoch"] + 1 for entry in recorded]
+    columns = [name for name in header[1:] if name != "time"]
     for row, entry in zip(rows, recorded):
-        shown = [float(value) for value in row[1:4]]
-        wanted = [entry["train_loss"], entry["valid_loss"], entry["valid_dice"]]
+        shown = [float(value) for value in row[1 : len(columns) + 1]]
+        wanted = [entry[name] for name in columns]
         assert shown == pytest.approx(wanted, rel=1e-5), row
