@@ -3,7 +3,8 @@
 Two workloads: the 784-200-200-10 MLP on in-memory random data (batch 64) and the
 single sigmoid neuron (batch 1). Each is trained by a hand-written loop and by
 trainloop with the same model, data, optimizer and seed, alternating in the same
-process; the script prints seconds per step and the ratio trainloop / hand-written for
+process; the script prints seconds per step and the ratio trainloop / hand-written (the
+median of the rounds' own ratios, each round's two runs back to back) for
 three plugin sets: none (the bare core), the issue's "default" set (progress,
 metrics.jsonl and throughput, the cheap ones that are on by default) and every built-in
 plugin as ``trainloop run`` configures it with its default options.
@@ -13,7 +14,9 @@ many), so per-epoch work — the checkpoint write with its fsync, a metrics line
 TensorBoard flush — is spread over that epoch as it would be in training; the last
 column shows the whole extra time per epoch.
 
-Run: ``python benchmarks/overhead.py [--rounds 7] [--steps 2000]``.
+Run: ``python benchmarks/overhead.py [--rounds 7] [--steps 2000] [--threads N]``. On a
+small shared machine a run's speed can jump by half from one run to the next (torch's
+threads meeting other work); more rounds, or ``--threads 1``, steady the figures.
 Targets with the default plugins: ratio <= 1.03 (MLP) and <= 1.15 (neuron).
 """
 
@@ -133,19 +136,31 @@ class _EmptyConfig:
     __dataclass_fields__: dict = {}
 
 
-def measure(name: str, workload, rounds: int, plugin_set: str) -> tuple[float, float]:
+def measure(name: str, workload, rounds: int, plugin_set: str) -> tuple[float, float, float]:
+    """Median seconds per step of each, and the median of the rounds' ratios (each
+    round's two runs back to back: a drift of the machine's speed cancels out)."""
     hand_times, loop_times = [], []
-    for _ in range(rounds):  # alternate, so drifts in machine speed hit both alike
-        hand_times.append(hand_written(*workload))
-        loop_times.append(with_trainloop(*workload, plugin_set=plugin_set))
-    return statistics.median(hand_times), statistics.median(loop_times)
+    for round_ in range(rounds):
+        # Alternate, and swap which goes first each round (hand, loop, loop, hand, ...),
+        # so that drifts in machine speed and what one run leaves the next hit both alike.
+        if round_ % 2:
+            loop_times.append(with_trainloop(*workload, plugin_set=plugin_set))
+            hand_times.append(hand_written(*workload))
+        else:
+            hand_times.append(hand_written(*workload))
+            loop_times.append(with_trainloop(*workload, plugin_set=plugin_set))
+    ratios = [loop / hand for hand, loop in zip(hand_times, loop_times)]
+    return statistics.median(hand_times), statistics.median(loop_times), statistics.median(ratios)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} rounds"
     )
@@ -160,12 +175,12 @@ def main() -> None:
     for name, (workload, target) in workloads.items():
         hand_written(*workload), with_trainloop(*workload, plugin_set="all")  # warm up
         for plugin_set in ("none", "default", "all"):
-            hand, loop = measure(name, workload, args.rounds, plugin_set)
+            hand, loop, ratio = measure(name, workload, args.rounds, plugin_set)
             goal = f"<= {target}" if plugin_set != "none" else ""
             extra = (loop - hand) * len(workload[3]) * 1000
             print(
                 f"{name:<8} {plugin_set:<8} {hand:>12.2e} {loop:>17.2e}"
-                f" {loop / hand:>7.3f} {goal:>8} {extra:>15.1f}"
+                f" {ratio:>7.3f} {goal:>8} {extra:>15.1f}"
             )
 
 
