@@ -7,6 +7,7 @@ import functools
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -230,3 +231,31 @@ def example_packages(tmp_path_factory) -> Path:
             timeout=120,
         )  # fmt: skip
     return target
+
+
+# --- a process group of one, in this process ------------------------------------------
+
+
+@pytest.fixture
+def torchrun_of_one(monkeypatch):
+    """torchrun's variables for a group of one process, on a free port; no group yet.
+    The group any test joins is left at the end."""
+    from trainloop.plugins import distributed
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    variables = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for name, value in {**variables, "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    yield
+    distributed.destroy_process_group()
+
+
+@pytest.fixture
+def process_group_of_one(torchrun_of_one):
+    """A gloo process group of one, joined in this process."""
+    from trainloop.plugins import distributed
+
+    assert distributed.init_process_group("gloo", torch.device("cpu"))
+    yield

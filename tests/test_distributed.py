@@ -6,7 +6,6 @@ import argparse
 import functools
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -241,25 +240,6 @@ def test_two_gloo_processes_train_one_model_and_report_full_validation_metrics(t
 
 
 # --- one process group of one, in this process: the plugin's steps and resume ----------
-
-
-@pytest.fixture
-def torchrun_of_one(monkeypatch):
-    """torchrun's variables for a group of one process, on a free port; no group yet."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    variables = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    for name, value in {**variables, "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(name, value)
-    yield
-    distributed.destroy_process_group()
-
-
-@pytest.fixture
-def process_group_of_one(torchrun_of_one):
-    assert distributed.init_process_group("gloo", torch.device("cpu"))
-    yield
 
 
 def shuffled_learner(*plugins) -> Learner:

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from trainloop import Learner, UsageError, sharded
 from trainloop.cli import main
 from trainloop.context import RunContext
 from trainloop.data.tensors import TensorBatches
-from trainloop.plugins import distributed, precision
+from trainloop.plugins import precision
 from trainloop.plugins.checkpoint import Checkpoint
 from trainloop.plugins.distributed import (
     AUTO_WRAP,
@@ -347,19 +346,6 @@ def test_fsdp_validates_the_even_shares_or_else_the_whole_set_on_every_process()
 
 
 # --- one process group of one, in this process ------------------------------------------
-
-
-@pytest.fixture
-def process_group_of_one(monkeypatch):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    variables = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    for name, value in {**variables, "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(name, value)
-    assert distributed.init_process_group("gloo", torch.device("cpu"))
-    yield
-    distributed.destroy_process_group()
 
 
 def small_learner(*plugins) -> Learner:

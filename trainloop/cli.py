@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -11,6 +12,7 @@ import random
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -304,9 +306,8 @@ def run(argv: list[str]) -> int:
     config = RunConfig(options, run_dir, recipe_path, cfg, manager, context)
     lock = RunLock(run_dir)
     aside: Path | None = None
-    with current_run(context, manager):  # the run's context and manager, for recipe and plugins
+    with _configured(config, lock, made_here):
         try:
-            manager.hook.configure(config=config)
             if config.is_main_process and (not resuming or options.resume == "auto"):
                 _check_fresh(run_dir, options)  # fail early, before the recipe loads its data
             learner = _build(recipe, config, selection.plugins)
@@ -327,19 +328,12 @@ def run(argv: list[str]) -> int:
             if callable(getattr(recipe, "predict", None)):
                 recipe.predict(learner, cfg)
         except BaseException:
-            if options.out is None and config.is_main_process:
-                remove_if_unused(run_dir, made_here)
             if aside is not None and aside.exists():
                 print(
                     f"trainloop: the run that --overwrite replaced is kept in {aside}",
                     file=sys.stderr,
                 )
             raise
-        finally:
-            try:
-                manager.hook.unconfigure(config=config)
-            finally:
-                lock.release()
     if config.is_main_process:
         print(f"run folder: {run_dir}", flush=True)
     return 0
@@ -535,27 +529,16 @@ def predict(argv: list[str]) -> int:
     manager.hook.configure_context(context=context, options=options)
     config = RunConfig(options, Path(out), recipe_path, cfg, manager, context)
     lock = RunLock(config.run_dir)
-    with current_run(context, manager):  # the run's context and manager, for recipe and plugins
-        try:
-            manager.hook.configure(config=config)
-            if config.is_main_process:
-                _check_fresh(config.run_dir, options)
-            learner = _build(recipe, config, selection.plugins)
-            _load_weights(learner, run_dir / MODEL_NAME)
-            if config.is_main_process:
-                _take_run_dir(config.run_dir, lock, options, resuming=False)
-                print(f"predictions of {run_dir / MODEL_NAME}: {config.run_dir}", flush=True)
-                _record_run(config, cfg, ["trainloop", "predict", *argv])
-            recipe.predict(learner, cfg)
-        except BaseException:
-            if options.out is None and config.is_main_process:
-                remove_if_unused(config.run_dir, made)
-            raise
-        finally:
-            try:
-                manager.hook.unconfigure(config=config)
-            finally:
-                lock.release()
+    with _configured(config, lock, made):
+        if config.is_main_process:
+            _check_fresh(config.run_dir, options)
+        learner = _build(recipe, config, selection.plugins)
+        _load_weights(learner, run_dir / MODEL_NAME)
+        if config.is_main_process:
+            _take_run_dir(config.run_dir, lock, options, resuming=False)
+            print(f"predictions of {run_dir / MODEL_NAME}: {config.run_dir}", flush=True)
+            _record_run(config, cfg, ["trainloop", "predict", *argv])
+        recipe.predict(learner, cfg)
     return 0
 
 
@@ -662,45 +645,60 @@ def find_lr(argv: list[str]) -> int:
 
     from trainloop.lr_find import lr_find, write_files
 
-    with current_run(context, manager):  # the run's context and manager, for recipe and plugins
+    with _configured(config, lock, made):
+        if config.is_main_process:
+            check_empty()
+        learner = _build(recipe, config, selection.plugins)
+        manager.hook.check_run(config=config, learner=learner)
+        if config.is_main_process:
+            try:
+                config.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise write_error(config.run_dir, error) from None
+            lock.acquire()
+            check_empty()  # again, under the lock
+            print(f"lr-find folder: {config.run_dir}", flush=True)
+        result = lr_find(
+            learner, start_lr=options.start_lr, end_lr=options.end_lr, steps=options.steps
+        )
+        if result.suggestion is None:
+            flags = (
+                "--start-lr"
+                if result.stopped in ("diverged", "not finite")
+                else "--end-lr, --steps"
+            )
+            raise UsageError(f"lr-find: {result.problem} ({flags})")
+        if config.is_main_process:
+            about = {
+                "recipe": str(recipe_path),
+                "command": ["trainloop", "lr-find", *argv],
+                "config": dataclasses.asdict(cfg),
+                "options": vars(options),
+                "trainloop_version": trainloop.__version__,
+            }
+            written = write_files(result, config.run_dir, f"lr-find: {recipe_path.stem}", about)
+            print(result.summary(), flush=True)
+            for path in written:
+                print(path)
+    return 0
+
+
+@contextlib.contextmanager
+def _configured(config: RunConfig, lock: RunLock, made: list[Path]) -> Iterator[None]:
+    """A command's run from ``configure`` to ``unconfigure``, whatever happens in between.
+
+    The run's context and plugin manager are current (for the recipe and the plugins);
+    ``unconfigure`` runs and the run folder's lock is released at the end; on an error,
+    a default folder (and the parents in ``made``) that the command created and left
+    unused is removed.
+    """
+    manager = config.plugin_manager
+    with current_run(config.context, manager):
         try:
             manager.hook.configure(config=config)
-            if config.is_main_process:
-                check_empty()
-            learner = _build(recipe, config, selection.plugins)
-            manager.hook.check_run(config=config, learner=learner)
-            if config.is_main_process:
-                try:
-                    config.run_dir.mkdir(parents=True, exist_ok=True)
-                except OSError as error:
-                    raise write_error(config.run_dir, error) from None
-                lock.acquire()
-                check_empty()  # again, under the lock
-                print(f"lr-find folder: {config.run_dir}", flush=True)
-            result = lr_find(
-                learner, start_lr=options.start_lr, end_lr=options.end_lr, steps=options.steps
-            )
-            if result.suggestion is None:
-                flags = (
-                    "--start-lr"
-                    if result.stopped in ("diverged", "not finite")
-                    else "--end-lr, --steps"
-                )
-                raise UsageError(f"lr-find: {result.problem} ({flags})")
-            if config.is_main_process:
-                about = {
-                    "recipe": str(recipe_path),
-                    "command": ["trainloop", "lr-find", *argv],
-                    "config": dataclasses.asdict(cfg),
-                    "options": vars(options),
-                    "trainloop_version": trainloop.__version__,
-                }
-                written = write_files(result, config.run_dir, f"lr-find: {recipe_path.stem}", about)
-                print(result.summary(), flush=True)
-                for path in written:
-                    print(path)
+            yield
         except BaseException:
-            if options.out is None and config.is_main_process:
+            if config.options.out is None and config.is_main_process:
                 remove_if_unused(config.run_dir, made)
             raise
         finally:
@@ -708,7 +706,6 @@ def find_lr(argv: list[str]) -> int:
                 manager.hook.unconfigure(config=config)
             finally:
                 lock.release()
-    return 0
 
 
 def _read_finished_run(run_dir: Path) -> dict[str, Any]:
